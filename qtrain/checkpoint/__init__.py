@@ -1,0 +1,1 @@
+"""Adapter I/O in PEFT format and atomic writes."""

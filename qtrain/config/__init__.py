@@ -1,0 +1,20 @@
+"""Recipe schema and loading."""
+
+from qtrain.config.load import apply_overrides, load_recipe, recipe_from_dict
+from qtrain.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    DistributedConfig,
+    LoggingConfig,
+    ModelConfig,
+    PeftConfig,
+    QuantConfig,
+    Recipe,
+    TrainConfig,
+)
+
+__all__ = [
+    "CheckpointConfig", "DataConfig", "DistributedConfig", "LoggingConfig", "ModelConfig",
+    "PeftConfig", "QuantConfig", "Recipe", "TrainConfig",
+    "apply_overrides", "load_recipe", "recipe_from_dict",
+]

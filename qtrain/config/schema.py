@@ -1,0 +1,118 @@
+"""The recipe schema: one dataclass per section, the single source of truth for every knob.
+
+Field defaults are what a recipe gets when it leaves a key out. Value checks that
+involve more than one field live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    """Where the base model comes from.
+
+    Exactly one of `path` (a local Hugging Face model dir) or `from_config` (a transformers
+    config dict, random init from the recipe's seed) must be set.
+    """
+
+    path: Optional[str] = None
+    from_config: Optional[dict[str, Any]] = None
+    # Tokenizer dir; defaults to `path`. Required with `from_config`.
+    tokenizer: Optional[str] = None
+    # Where a `from_config` base is written as a normal HF dir; default <output_dir>/base.
+    base_dir: Optional[str] = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantConfig:
+    method: Literal["nf4", "none"] = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+
+
+@dataclass
+class PeftConfig:
+    method: Literal["lora"] = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # A list matches module-name suffixes (`q_proj` matches `...self_attn.q_proj`);
+    # a string is a regex that must match the whole module name (PEFT's convention).
+    targets: Union[list[str], str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rslora: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    format: Literal["text", "instruction", "chat", "summarization"] = "instruction"
+    max_len: int = 512
+    packing: bool = True
+    # What to do with a row longer than max_len: cut it, or leave it out (and count it).
+    overlong: Literal["truncate", "drop"] = "truncate"
+    eval_split: float = 0.05
+    eval_path: Optional[str] = None
+    # Rename the fields a format reads, e.g. {prompt: instruction, response: output}.
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2.0e-4
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 10
+    max_steps: int = 1000
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "paged_adamw_8bit"
+    grad_clip: Optional[float] = 1.0
+    gradient_checkpointing: bool = True
+    # bf16 autocast around forward/backward; `auto` = on when model.dtype is bfloat16.
+    autocast: Literal["auto", "on", "off"] = "auto"
+    eval_every_steps: int = 0
+    eval_batches: Optional[int] = None
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class DistributedConfig:
+    engine: Literal["auto", "plain", "ddp", "deepspeed"] = "auto"
+    deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 200
+    keep: int = 3
+    resume: Literal["auto", "never"] = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    tensorboard: bool = False
+    wandb: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    output_dir: str = ""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,66 @@
+"""Value checks on a typed recipe: ranges and combinations. Returns problems, raises nothing."""
+
+from __future__ import annotations
+
+import re
+
+from qtrain.config.schema import Recipe
+
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _positive(problems: list[str], key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        problems.append(f"{key}: must be {bound}, got {value!r}")
+
+
+def check_values(r: Recipe) -> list[str]:
+    p: list[str] = []
+    if not r.output_dir:
+        p.append("output_dir: required (a directory for the adapter, metrics and checkpoints)")
+    m = r.model
+    if (m.path is None) == (m.from_config is None):
+        p.append("model: set exactly one of model.path (local HF model dir) or model.from_config (a transformers config)")
+    if m.from_config is not None:
+        if "model_type" not in m.from_config:
+            p.append("model.from_config.model_type: required (e.g. llama)")
+        if m.tokenizer is None:
+            p.append("model.tokenizer: required with model.from_config (a local tokenizer dir)")
+    if r.quant.blocksize not in _BLOCKSIZES:
+        p.append(f"quant.blocksize: must be one of {_BLOCKSIZES}, got {r.quant.blocksize}")
+    _positive(p, "peft.r", r.peft.r)
+    _positive(p, "peft.alpha", r.peft.alpha)
+    if not 0.0 <= r.peft.dropout < 1.0:
+        p.append(f"peft.dropout: must be in [0, 1), got {r.peft.dropout}")
+    if isinstance(r.peft.targets, list) and not r.peft.targets:
+        p.append("peft.targets: empty list; name modules, e.g. [q_proj, v_proj]")
+    if isinstance(r.peft.targets, str):
+        try:
+            re.compile(r.peft.targets)
+        except re.error as exc:
+            p.append(f"peft.targets: invalid regex {r.peft.targets!r}: {exc}")
+    d = r.data
+    if not d.path:
+        p.append("data.path: required (a local .jsonl/.json/.csv/.parquet file)")
+    if d.max_len < 8:
+        p.append(f"data.max_len: must be >= 8, got {d.max_len}")
+    if not 0.0 <= d.eval_split < 1.0:
+        p.append(f"data.eval_split: must be in [0, 1), got {d.eval_split}")
+    t = r.train
+    for key in ("micro_batch_size", "grad_accum", "max_steps"):
+        _positive(p, f"train.{key}", getattr(t, key))
+    _positive(p, "train.lr", t.lr)
+    _positive(p, "train.warmup_steps", t.warmup_steps, allow_zero=True)
+    _positive(p, "train.weight_decay", t.weight_decay, allow_zero=True)
+    _positive(p, "train.eval_every_steps", t.eval_every_steps, allow_zero=True)
+    if t.grad_clip is not None:
+        _positive(p, "train.grad_clip", t.grad_clip)
+    if t.eval_batches is not None:
+        _positive(p, "train.eval_batches", t.eval_batches)
+    if t.num_threads is not None:
+        _positive(p, "train.num_threads", t.num_threads)
+    _positive(p, "checkpoint.every_steps", r.checkpoint.every_steps, allow_zero=True)
+    _positive(p, "checkpoint.keep", r.checkpoint.keep)
+    _positive(p, "logging.every_steps", r.logging.every_steps)
+    return p

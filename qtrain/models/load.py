@@ -1,0 +1,106 @@
+"""Stream a local HF model dir into a (4-bit) model without ever holding the full bf16 model.
+
+The skeleton is built on the meta device (parameters only; buffers such as rotary tables are
+real). Tensors are then read one at a time from the safetensors shards: each linear weight that
+will be quantized goes straight to NF4 on the target device, everything else (embeddings, norms,
+lm_head) is cast to the compute dtype and placed. Peak host memory is the quantized model plus
+one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from qtrain.errors import ModelError
+from qtrain.quant.linear import NF4Linear
+from qtrain.quant.nf4 import NF4Spec
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ModelError(f"model.path: no safetensors weights in {model_dir} (expected model.safetensors or "
+                     "model.safetensors.index.json; convert .bin checkpoints with save_pretrained(safe_serialization=True))")
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                yield key, fh.get_tensor(key)
+
+
+def quantizable_linears(model: nn.Module) -> set[str]:
+    """Every nn.Linear except the output head (QLoRA keeps lm_head in the compute dtype)."""
+    head = model.get_output_embeddings()
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - many error types for a bad config.json
+        raise ModelError(f"model.path: cannot read a transformers config from {model_dir}: {exc}") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, quantize: NF4Spec | None,
+               backend: str = "bnb", trust_remote_code: bool = False) -> nn.Module:
+    """Load `model_dir` onto `device`; with `quantize`, every non-head linear becomes an `NF4Linear`."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"model.path: {model_dir} is not a Hugging Face model dir (no config.json)")
+    files = shard_files(model_dir)
+    model = build_skeleton(model_dir, dtype, trust_remote_code)
+    to_quantize = quantizable_linears(model) if quantize is not None else set()
+    params = dict(model.named_parameters())
+    biases: dict[str, torch.Tensor] = {}
+    for key, tensor in iter_tensors(files):
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in to_quantize:
+            value = tensor.to(device=device, dtype=dtype)
+            if leaf == "weight":
+                model.set_submodule(module_name, NF4Linear.from_weight(value, None, quantize, backend))
+            else:
+                biases[module_name] = value
+            continue
+        if key not in params:
+            continue  # e.g. rotary tables some checkpoints carry; the model builds its own
+        value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        set_module_tensor_to_device(model, key, device, value=value)
+    for name, bias in biases.items():
+        model.get_submodule(name).bias = nn.Parameter(bias, requires_grad=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _check_complete(model, model_dir)
+    model.eval()
+    return model
+
+
+def _check_complete(model: nn.Module, model_dir: Path) -> None:
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing += [n for n, b in model.named_buffers() if b.is_meta]
+    leftover = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.is_meta]
+    missing += [f"{n}.weight" for n in leftover if f"{n}.weight" not in missing]
+    if missing:
+        raise ModelError(f"model.path: {model_dir} has no weights for {missing[0]} ({len(missing)} tensors missing); "
+                         "the checkpoint does not match its config.json")

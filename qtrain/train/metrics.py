@@ -1,0 +1,56 @@
+"""What a run reports: metrics.jsonl lines, peak memory, parameter counts, summary.json."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qtrain.quant.linear import NF4Linear
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA max allocated on GPU; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kib / 2**20 if sys.platform == "darwin" else kib / 2**10
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); an NF4 weight counts as the parameters it stands for, not its bytes."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            total += m.in_features * m.out_features
+    return trainable, total
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step; flushed at once so a crash loses nothing logged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = None
+
+    def write(self, record: dict) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def median_step_s(step_times: list[float]) -> float | None:
+    """Median step time with the first (warm-up) step left out."""
+    times = step_times[1:] or step_times
+    return statistics.median(times) if times else None

@@ -1,0 +1,97 @@
+"""Everything a run needs before its first step, built in the order that fails fastest.
+
+tokenizer → data (DataError before any file is written) → base model dir → streamed 4-bit
+model → adapters → optimizer/schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qtrain.config.schema import Recipe
+from qtrain.data import DataBundle, build_datasets
+from qtrain.distributed.env import DistEnv
+from qtrain.errors import ConfigError
+from qtrain.models.build import write_random_base
+from qtrain.models.load import load_model
+from qtrain.models.tokenizer import load_tokenizer
+from qtrain.peft.inject import inject_lora, lora_modules
+from qtrain.quant.nf4 import NF4Spec
+from qtrain.train.optim import build_optimizer, build_scheduler
+from qtrain_kernels import dispatch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Session:
+    recipe: Recipe
+    env: DistEnv
+    device: torch.device
+    tokenizer: object
+    data: DataBundle
+    base_dir: Path
+    model: nn.Module
+    target_names: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast_dtype: torch.dtype | None
+
+
+def kernel_backend(recipe: Recipe) -> str:
+    try:
+        return dispatch.resolve(recipe.kernels)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def autocast_dtype(recipe: Recipe) -> torch.dtype | None:
+    """bf16 autocast when asked, or by default when the model itself is bf16."""
+    mode = recipe.train.autocast
+    if mode == "on" or (mode == "auto" and recipe.model.dtype == "bfloat16"):
+        return torch.bfloat16
+    return None
+
+
+def resolve_base_dir(recipe: Recipe, tokenizer) -> Path:
+    m = recipe.model
+    if m.path is not None:
+        return Path(m.path)
+    base_dir = Path(m.base_dir) if m.base_dir else Path(recipe.output_dir) / "base"
+    return write_random_base(m.from_config, tokenizer, recipe.seed, DTYPES[m.dtype], base_dir)
+
+
+def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[nn.Module, list[str]]:
+    """Streamed (4-bit) base with LoRA attached; only LoRA parameters require grad."""
+    spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
+    model = load_model(base_dir, DTYPES[recipe.model.dtype], device, spec, kernel_backend(recipe),
+                       recipe.model.trust_remote_code)
+    names = inject_lora(model, recipe.peft)
+    model.config.use_cache = False
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for mod in lora_modules(model).values():
+            mod.save_weight_for_backward = True
+    return model, names
+
+
+def prepare(recipe: Recipe, env: DistEnv) -> Session:
+    kernel_backend(recipe)  # refuse an impossible kernels= before any work
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    device = env.device()
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    data = build_datasets(recipe.data, tokenizer, recipe.seed)
+    base_dir = resolve_base_dir(recipe, tokenizer)
+    torch.manual_seed(recipe.seed)  # LoRA A init
+    model, names = build_model(recipe, base_dir, device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, recipe.train, device)
+    scheduler = build_scheduler(optimizer, recipe.train)
+    return Session(recipe, env, device, tokenizer, data, base_dir, model, names, optimizer, scheduler,
+                   autocast_dtype(recipe))
