@@ -79,23 +79,11 @@ def _nearest(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, midpoints, out_int32=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _absmax_map(device: torch.device) -> torch.Tensor:
-    """The dynamic map with its lowest level pinned to exactly -1.0.
-
-    bitsandbytes' CPU quantizer does this so a block's most negative value (which scales to
-    exactly -1) maps onto itself; the stored codes and the dequantized absmax follow it.
-    """
-    code = dynamic_map(device).clone()
-    code[0] = -1.0
-    return code
-
-
 def quantize_blockwise_8bit(values: torch.Tensor, blocksize: int = ABSMAX_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize float values to uint8 codes of the dynamic map; returns (codes, float32 absmax).
 
-    Rounding rule (bitsandbytes' CPU quantizer): divide by the block absmax, take the level
-    at or left of the value, move right only when that level is strictly closer.
+    Rounding: divide by the block absmax, take the level at or left of the value, move right
+    only when that level is strictly closer (the true nearest level, ties to the lower one).
     """
     flat = values.reshape(-1).float()
     n = flat.numel()
@@ -103,14 +91,14 @@ def quantize_blockwise_8bit(values: torch.Tensor, blocksize: int = ABSMAX_BLOCKS
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
     normed = (blocks / absmax.unsqueeze(1)).reshape(-1)[:n]
-    code = _absmax_map(values.device)
+    code = dynamic_map(values.device)
     left = (torch.searchsorted(code, normed, right=True) - 1).clamp_(0, code.numel() - 2)
     closer_right = (normed - code[left + 1]).abs() < (normed - code[left]).abs()
     return (left + closer_right).to(torch.uint8), absmax
 
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = ABSMAX_BLOCKSIZE) -> torch.Tensor:
-    values = _absmax_map(codes.device)[codes.reshape(-1).long()]
+    values = dynamic_map(codes.device)[codes.reshape(-1).long()]
     n = values.numel()
     pad = (-n) % blocksize
     scaled = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize) * absmax.unsqueeze(1)

@@ -1,0 +1,215 @@
+"""Per-format encoders: one data row -> (input_ids, labels), with -100 on untrained positions.
+
+Every format tokenizes its pieces separately (with no special tokens added by the tokenizer)
+and concatenates the ids, so the boundary between masked and trained tokens is exact rather
+than recovered from character offsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from qtrain.errors import DataError
+
+IGNORE_INDEX = -100
+
+SUMMARIZATION_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
+
+# The fields each format reads, by their default column names (rename with data.fields).
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "instruction": ("prompt", "response"),
+    "chat": ("messages",),
+    "summarization": ("dialogue", "summary"),
+}
+
+Encoded = tuple[list[int], list[int]]
+
+
+def check_fields(fmt: str, fields: Mapping[str, str]) -> None:
+    """Reject an unknown format, or a rename of a field the format does not read."""
+    if fmt not in FORMAT_FIELDS:
+        raise DataError(f"data.format: unknown format {fmt!r}; "
+                        f"use one of {', '.join(FORMAT_FIELDS)}")
+    known = FORMAT_FIELDS[fmt]
+    for name in fields:
+        if name not in known:
+            raise DataError(f"data.fields.{name}: format {fmt!r} has no field {name!r}; "
+                            f"the fields it reads are {', '.join(known)}")
+
+
+def encode_row(row: Mapping[str, Any], fmt: str, tokenizer: Any, fields: Mapping[str, str],
+               *, source: str = "data", row_number: int | None = None) -> Encoded:
+    """Tokenize one row of `fmt` into (input_ids, labels).
+
+    Args:
+        row: one record, column name -> value.
+        fmt: text | instruction | chat | summarization.
+        tokenizer: a Hugging Face tokenizer (fast or slow).
+        fields: renames, format field -> column name, e.g. {"prompt": "instruction"}.
+        source: the file the row came from, for error messages.
+        row_number: the row's 1-based number in `source`, for error messages.
+
+    Raises:
+        DataError: a field is missing, not a string, or empty; the tokenizer cannot do the
+            format (no EOS token, no chat template).
+    """
+    check_fields(fmt, fields)
+    where = source if row_number is None else f"{source}, row {row_number}"
+    ctx = _Row(row, fields, where)
+    return _ENCODERS[fmt](ctx, tokenizer)
+
+
+class _Row:
+    """A row plus where it came from, so field lookups can raise precise errors."""
+
+    def __init__(self, row: Mapping[str, Any], fields: Mapping[str, str], where: str) -> None:
+        self.row, self.fields, self.where = row, fields, where
+
+    def fail(self, name: str, problem: str, fix: str) -> DataError:
+        column = self.fields.get(name, name)
+        label = repr(column) if column == name else f"{column!r} (data.fields.{name})"
+        return DataError(f"{self.where}: field {label} {problem}; {fix}")
+
+    def get(self, name: str) -> Any:
+        column = self.fields.get(name, name)
+        if column not in self.row:
+            present = ", ".join(map(str, self.row)) or "none"
+            raise self.fail(name, f"is missing (columns present: {present})",
+                            f"set data.fields.{name} to the column that holds the {name}")
+        value = self.row[column]
+        if value is None:
+            raise self.fail(name, "has no value in this row",
+                            f"give every row a {name}, or remove this row")
+        return value
+
+    def text(self, name: str) -> str:
+        value = self.get(name)
+        if not isinstance(value, str):
+            raise self.fail(name, f"must be a string, got {type(value).__name__}",
+                            f"set data.fields.{name} to a text column, or fix this row")
+        if not value.strip():
+            raise self.fail(name, "is empty",
+                            f"give every row a non-empty {name}, or remove this row")
+        return value
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [] if bos is None else [bos]
+
+
+def _eos(tokenizer: Any, where: str) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataError(f"{where}: the tokenizer has no eos_token, so a model cannot learn "
+                        "where an answer ends; set eos_token in the tokenizer_config.json")
+    return [eos]
+
+
+def _prompt_then_answer(prompt: list[int], answer: list[int]) -> Encoded:
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def _encode_text(ctx: _Row, tokenizer: Any) -> Encoded:
+    # BOS (when the tokenizer has one) is context, not a target: masked like a prompt.
+    body = _ids(tokenizer, ctx.text("text")) + _eos(tokenizer, ctx.where)
+    return _prompt_then_answer(_bos(tokenizer), body)
+
+
+def _encode_instruction(ctx: _Row, tokenizer: Any) -> Encoded:
+    prompt = _bos(tokenizer) + _ids(tokenizer, ctx.text("prompt"))
+    answer = _ids(tokenizer, ctx.text("response")) + _eos(tokenizer, ctx.where)
+    return _prompt_then_answer(prompt, answer)
+
+
+def _encode_summarization(ctx: _Row, tokenizer: Any) -> Encoded:
+    text = SUMMARIZATION_PROMPT.format(dialogue=ctx.text("dialogue"))
+    prompt = _bos(tokenizer) + _ids(tokenizer, text)
+    answer = _ids(tokenizer, ctx.text("summary")) + _eos(tokenizer, ctx.where)
+    return _prompt_then_answer(prompt, answer)
+
+
+def _encode_chat(ctx: _Row, tokenizer: Any) -> Encoded:
+    """Train on assistant turns only.
+
+    The conversation is rendered once per prefix; the text each message adds (and, before an
+    assistant message, the generation prompt that introduces it) is tokenized on its own.
+    Assistant content is trained; everything else, role headers included, is masked.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{ctx.where}: format 'chat' needs a tokenizer with a chat template, and "
+                        "this one has none; add a chat_template to tokenizer_config.json, or use "
+                        "data.format: instruction with prompt/response columns")
+    messages = _messages(ctx)
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+
+    def add(text: str, trained: bool) -> None:
+        piece = _ids(tokenizer, text)
+        ids.extend(piece)
+        labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
+
+    for i, message in enumerate(messages):
+        is_assistant = message["role"] == "assistant"
+        text = _render(ctx, tokenizer, messages[: i + 1], generation_prompt=False)
+        if is_assistant and i > 0:
+            header = _render(ctx, tokenizer, messages[:i], generation_prompt=True)
+            # Split the header off only where the generation prompt really is how the reply
+            # begins; otherwise it stays in the reply's text and is trained with it.
+            if header.startswith(done) and text.startswith(header):
+                add(header[len(done):], trained=False)
+                done = header
+        if not text.startswith(done):
+            raise DataError(f"{ctx.where}: the chat template renders earlier messages differently "
+                            "once later ones are added, so assistant turns cannot be located; "
+                            "use a chat template that renders each turn independently")
+        add(text[len(done):], trained=is_assistant)
+        done = text
+    return ids, labels
+
+
+def _messages(ctx: _Row) -> list[dict[str, Any]]:
+    value = ctx.get("messages")
+    if not isinstance(value, list):
+        raise ctx.fail("messages", f"must be a list of {{role, content}} objects, "
+                       f"got {type(value).__name__}", "fix this row")
+    if not value:
+        raise ctx.fail("messages", "is an empty list",
+                       "give every row at least one message, or remove this row")
+    out = []
+    for k, message in enumerate(value, start=1):
+        if not isinstance(message, Mapping):
+            raise ctx.fail("messages", f"message {k} is a {type(message).__name__}, not an object",
+                           "make every message a {role, content} object")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise ctx.fail("messages", f"message {k} needs string 'role' and 'content'",
+                           "give every message a role (user/assistant/system) and a content")
+        # Drop keys that are null only because another row's messages had them.
+        out.append({key: v for key, v in message.items() if v is not None})
+    return out
+
+
+def _render(ctx: _Row, tokenizer: Any, messages: list[dict[str, Any]],
+            generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as err:  # template errors are Jinja exceptions raised by the template text
+        raise ctx.fail("messages", f"cannot be rendered by the chat template ({err})",
+                       "fix the conversation or the template") from None
+
+
+_ENCODERS: dict[str, Callable[[_Row, Any], Encoded]] = {
+    "text": _encode_text,
+    "instruction": _encode_instruction,
+    "chat": _encode_chat,
+    "summarization": _encode_summarization,
+}

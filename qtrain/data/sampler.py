@@ -1,0 +1,111 @@
+"""Deterministic, rank-sharded micro-batches of dataset indices, resumable mid-epoch."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from qtrain.errors import DataError
+
+
+def epoch_batches(n_items: int, micro_batch_size: int, seed: int, epoch: int,
+                  rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's micro-batches of indices for one epoch.
+
+    The epoch's permutation of range(n_items) depends only on (seed, epoch), so every rank
+    computes the same one and takes a disjoint shard of it. The last `n_items % world_size`
+    indices of the permutation are left out so that every rank gets the same number of items
+    and therefore the same number of micro-batches (a rank with one batch fewer would leave
+    the others waiting in a collective forever). Each shard is cut into micro-batches of
+    `micro_batch_size`; the last one may be smaller.
+
+    Raises:
+        DataError: fewer items than ranks.
+    """
+    _check_args(micro_batch_size, rank, world_size)
+    if n_items < world_size:
+        raise DataError(f"the training set has {n_items} sequences but there are {world_size} "
+                        "processes, and every process needs at least one; add data or use fewer "
+                        "processes")
+    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    order = torch.randperm(n_items, generator=generator).tolist()
+    per_rank = n_items // world_size
+    shard = order[rank * per_rank:(rank + 1) * per_rank]
+    return [shard[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+def _check_args(micro_batch_size: int, rank: int, world_size: int) -> None:
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # A hash rather than e.g. seed + epoch, so that (seed, epoch) pairs never share a
+    # permutation; blake2b (unlike hash()) is the same in every process.
+    digest = hashlib.blake2b(f"qtrain:{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class BatchStream:
+    """Micro-batches of indices forever: epoch after epoch, reshuffled each epoch.
+
+    `state_dict()` records (epoch, position), position being the number of this epoch's
+    micro-batches already handed out; loading it continues with exactly the next batch.
+    """
+
+    def __init__(self, n_items: int, micro_batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.n_items, self.micro_batch_size, self.seed = n_items, micro_batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.position = 0
+        self._batches = self._epoch(0)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(self.n_items, self.micro_batch_size, self.seed, epoch,
+                             self.rank, self.world_size)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        batch = self._batches[self.position]
+        self.position += 1
+        if self.position == len(self._batches):
+            # Roll over now, so a state saved at an epoch's end reads (next epoch, 0).
+            self.epoch += 1
+            self.position = 0
+            self._batches = self._epoch(self.epoch)
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "n_items": self.n_items}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`.
+
+        Raises:
+            DataError: the state was saved for a data set of a different size, so its
+                position would point at different sequences.
+        """
+        saved_n = state.get("n_items", self.n_items)
+        if saved_n != self.n_items:
+            raise DataError(f"cannot resume the data order: it was saved for {saved_n} training "
+                            f"sequences and the data now has {self.n_items}; resume with the same "
+                            "data and data settings, or start a new run")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        batches = self._batches if epoch == self.epoch else self._epoch(epoch)
+        if not 0 <= position < len(batches):
+            raise DataError(f"cannot resume the data order: position {position} is outside "
+                            f"epoch {epoch}'s {len(batches)} micro-batches; the saved state does "
+                            "not belong to this data and batch size")
+        self.epoch, self.position, self._batches = epoch, position, batches

@@ -1,0 +1,39 @@
+"""Shared fixtures: the repo's quickstart tokenizer and tiny random-init base models (no hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = REPO / "data" / "quickstart" / "tokenizer"
+TINY_LLAMA = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from qtrain.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer Llama written in fp32 as a normal HF model dir."""
+    from qtrain.models.build import write_random_base
+
+    return write_random_base(TINY_LLAMA, tokenizer, 0, torch.float32, tmp_path_factory.mktemp("tiny") / "base")

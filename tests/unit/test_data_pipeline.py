@@ -1,0 +1,254 @@
+"""build_datasets, pack, split_indices and collate: counts, splits, packing invariants, padding."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from qtrain.config.schema import DataConfig
+from qtrain.data import Example, build_datasets, collate, pack, split_indices
+from qtrain.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER_DIR = ROOT / "data" / "quickstart" / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _numbered_rows(n: int) -> list[dict]:
+    return [{"prompt": f"Row {i}:\n", "response": f"answer {i}"} for i in range(n)]
+
+
+def _row_id(tok, example: Example) -> int:
+    return int(tok.decode(example.input_ids).split("Row ")[1].split(":")[0])
+
+
+def _full_len(tok, row: dict) -> int:
+    """Length of an encoded instruction row: BOS + prompt + response + EOS."""
+    pieces = (row["prompt"], row["response"])
+    return 1 + sum(len(tok.encode(p, add_special_tokens=False)) for p in pieces) + 1
+
+
+def _cfg(path: str, **kw) -> DataConfig:
+    kw.setdefault("packing", False)
+    kw.setdefault("eval_split", 0.0)
+    kw.setdefault("max_len", 64)
+    return DataConfig(path=path, **kw)
+
+
+# Rows of increasing length; the last ones are long in the response, one is long in the prompt.
+VARIED = ([{"prompt": "Q\n", "response": "word " * k} for k in (1, 3, 10, 25, 40)]
+          + [{"prompt": "long " * 40 + "\n", "response": "ok"}])
+
+
+@pytest.mark.parametrize("max_len", [12, 24, 40])
+def test_truncate_cuts_and_counts(tmp_path, tok, max_len):
+    path = _jsonl(tmp_path / "v.jsonl", VARIED)
+    lengths = [_full_len(tok, r) for r in VARIED]
+    overlong = sum(n > max_len for n in lengths)
+    assert 0 < overlong < len(VARIED)  # the parametrization exercises both kinds
+
+    bundle = build_datasets(_cfg(path, max_len=max_len, overlong="truncate"), tok, seed=0)
+    r = bundle.report
+
+    assert r.rows_read == len(VARIED)
+    assert r.rows_truncated == overlong
+    assert r.rows_dropped_overlong == 0
+    # The long-prompt row is cut inside its prompt: nothing left to train, so it goes.
+    assert r.rows_dropped_no_labels == 1
+    assert len(bundle.train) == r.train_sequences == len(VARIED) - 1
+    assert sorted(len(e) for e in bundle.train) == sorted(min(n, max_len) for n in lengths[:-1])
+
+
+@pytest.mark.parametrize("max_len", [12, 24, 40])
+def test_drop_removes_and_counts(tmp_path, tok, max_len):
+    path = _jsonl(tmp_path / "v.jsonl", VARIED)
+    lengths = [_full_len(tok, r) for r in VARIED]
+
+    bundle = build_datasets(_cfg(path, max_len=max_len, overlong="drop"), tok, seed=0)
+    r = bundle.report
+
+    assert r.rows_dropped_overlong == sum(n > max_len for n in lengths)
+    assert r.rows_truncated == 0 and r.rows_dropped_no_labels == 0
+    assert sorted(len(e) for e in bundle.train) == sorted(n for n in lengths if n <= max_len)
+
+
+def test_everything_dropped_explains_counts_and_fix(tmp_path, tok):
+    rows = [{"prompt": "Q\n", "response": "word " * 30}] * 3
+    path = _jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        build_datasets(_cfg(path, max_len=10, overlong="drop"), tok, seed=0)
+    msg = str(info.value)
+    assert path in msg and "3 rows" in msg and "3 longer than data.max_len=10" in msg
+    assert "data.overlong: truncate" in msg and "raise data.max_len" in msg
+
+
+def test_everything_masked_after_truncation_explains(tmp_path, tok):
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "long " * 40, "response": "ok"}] * 2)
+    with pytest.raises(DataError) as info:
+        build_datasets(_cfg(path, max_len=10), tok, seed=0)
+    msg = str(info.value)
+    assert "2 rows" in msg and "2 with no tokens left to train" in msg and "max_len" in msg
+
+
+def test_report_counts_tokens(tmp_path, tok):
+    path = _jsonl(tmp_path / "n.jsonl", _numbered_rows(30))
+    bundle = build_datasets(_cfg(path, eval_split=0.2), tok, seed=3)
+    r = bundle.report
+    assert (r.train_sequences, r.eval_sequences) == (24, 6)
+    assert r.train_tokens == sum(len(e.input_ids) for e in bundle.train)
+    assert r.trained_tokens == sum(sum(1 for x in e.labels if x != -100) for e in bundle.train)
+    # Per row the response and EOS are trained.
+    expected = sum(len(tok.encode(f"answer {_row_id(tok, e)}", add_special_tokens=False)) + 1
+                   for e in bundle.train)
+    assert r.trained_tokens == expected
+    line = r.summary_line()
+    assert "\n" not in line and "30 rows" in line and "24 train" in line and "6 eval" in line
+
+
+def test_eval_split_is_disjoint_complete_and_seeded(tmp_path, tok):
+    path = _jsonl(tmp_path / "n.jsonl", _numbered_rows(40))
+
+    def ids(seed):
+        b = build_datasets(_cfg(path, eval_split=0.25), tok, seed=seed)
+        return [_row_id(tok, e) for e in b.train], [_row_id(tok, e) for e in b.eval]
+
+    train, held = ids(7)
+    assert len(held) == 10 and not set(train) & set(held)
+    assert sorted(train + held) == list(range(40))
+    assert ids(7) == (train, held)
+    assert any(sorted(ids(s)[1]) != sorted(held) for s in (8, 9, 10))
+
+
+@pytest.mark.parametrize("n,fraction,n_eval", [(2, 0.01, 1), (1, 0.5, 0), (10, 0.0, 0),
+                                                (10, 0.99, 9), (100, 0.05, 5)])
+def test_split_sizes(n, fraction, n_eval):
+    train, held = split_indices(n, fraction, seed=0)
+    assert len(held) == n_eval
+    assert sorted(train + held) == list(range(n))
+
+
+def test_eval_path_is_used_whole_and_train_keeps_every_row(tmp_path, tok):
+    train_path = _jsonl(tmp_path / "t.jsonl", _numbered_rows(5))
+    eval_path = _jsonl(tmp_path / "e.jsonl", _numbered_rows(8)[5:])
+    b = build_datasets(_cfg(train_path, eval_split=0.5, eval_path=eval_path), tok, seed=0)
+    assert sorted(_row_id(tok, e) for e in b.train) == [0, 1, 2, 3, 4]
+    assert sorted(_row_id(tok, e) for e in b.eval) == [5, 6, 7]
+    assert b.report.rows_read == 8
+
+
+def test_bad_row_error_uses_the_row_number_in_the_file(tmp_path, tok):
+    rows = _numbered_rows(6)
+    rows[4] = {"prompt": "x\n", "response": 17}
+    path = _jsonl(tmp_path / "n.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        build_datasets(_cfg(path, eval_split=0.5), tok, seed=1)
+    msg = str(info.value)
+    assert f"{path}, row 5" in msg and "'response'" in msg and "string" in msg
+
+
+def test_bad_eval_file_row_names_the_eval_file(tmp_path, tok):
+    train_path = _jsonl(tmp_path / "t.jsonl", _numbered_rows(3))
+    eval_path = _jsonl(tmp_path / "e.jsonl", [{"prompt": "a\n", "response": "b"}, {"prompt": "c"}])
+    with pytest.raises(DataError) as info:
+        build_datasets(_cfg(train_path, eval_path=eval_path), tok, seed=0)
+    assert f"{eval_path}, row 2" in str(info.value)
+
+
+def test_unknown_field_rename_is_refused_before_reading(tmp_path, tok):
+    with pytest.raises(DataError, match="data.fields.answer"):
+        build_datasets(_cfg(str(tmp_path / "absent.jsonl"), fields={"answer": "x"}), tok, seed=0)
+
+
+def test_packing_keeps_every_trained_token(tmp_path, tok):
+    path = _jsonl(tmp_path / "n.jsonl", _numbered_rows(50))
+    plain = build_datasets(_cfg(path, max_len=32), tok, seed=0)
+    packed = build_datasets(_cfg(path, max_len=32, packing=True), tok, seed=0)
+
+    assert all(len(e.input_ids) == len(e.labels) == 32 for e in packed.train[:-1])
+    assert 0 < len(packed.train[-1]) <= 32
+    assert packed.report.trained_tokens == plain.report.trained_tokens
+
+    def pairs(bundle):
+        return sorted((t, y) for e in bundle.train for t, y in zip(e.input_ids, e.labels))
+
+    assert pairs(packed) == pairs(plain)
+    assert packed.report.train_sequences == len(packed.train) < plain.report.train_sequences
+
+
+def _distinct(lengths: list[int], trained: list[int]) -> list[Example]:
+    """Examples whose tokens name their example and position: 1000*k + j."""
+    out = []
+    for k, (n, t) in enumerate(zip(lengths, trained)):
+        ids = [1000 * k + j for j in range(n)]
+        out.append(Example(ids, [-100] * (n - t) + ids[n - t:]))
+    return out
+
+
+def test_pack_concatenates_whole_examples_in_seeded_order():
+    examples = _distinct([5, 9, 3, 12, 7, 4], [2, 9, 1, 6, 3, 4])
+    blocks = pack(examples, 8, random.Random(0))
+
+    assert [len(b) for b in blocks] == [8, 8, 8, 8, 8]  # 40 tokens -> 5 full blocks
+    ids = [t for b in blocks for t in b.input_ids]
+    labels = [t for b in blocks for t in b.labels]
+    order = [ids[i] // 1000 for i in range(len(ids)) if ids[i] % 1000 == 0]
+    assert sorted(order) == list(range(6))
+    assert ids == [t for k in order for t in examples[k].input_ids]
+    assert labels == [t for k in order for t in examples[k].labels]
+    assert pack(examples, 8, random.Random(0)) == blocks
+    assert any(pack(examples, 8, random.Random(s)) != blocks for s in (1, 2, 3))
+
+
+def test_pack_keeps_a_partial_last_block_only_if_it_trains_something():
+    # 10 tokens into blocks of 8: the 2-token tail is kept iff one of its labels is trained.
+    kept = pack(_distinct([10], [3]), 8, random.Random(0))
+    assert [len(b) for b in kept] == [8, 2]
+    assert kept[1].labels == [8, 9]
+    tail_masked = pack([Example(list(range(10)), list(range(8)) + [-100, -100])], 8,
+                       random.Random(0))
+    assert [b.input_ids for b in tail_masked] == [list(range(8))]
+
+
+def test_pack_leaves_out_blocks_with_nothing_to_train():
+    # One 20-token example trained only in its last 2 tokens: blocks [0,8) and [8,16) are masked.
+    blocks = pack(_distinct([20], [2]), 8, random.Random(0))
+    assert [b.input_ids for b in blocks] == [list(range(16, 20))]
+    assert pack(_distinct([10], [0]), 8, random.Random(0)) == []
+
+
+def test_chat_data_end_to_end(tok):
+    cfg = DataConfig(path=str(ROOT / "data" / "quickstart" / "chat.jsonl"), format="chat",
+                     max_len=128, packing=False, eval_split=0.1)
+    b = build_datasets(cfg, tok, seed=0)
+    assert b.report.rows_read == 50 and len(b.train) == 45 and len(b.eval) == 5
+    for e in b.train:
+        trained = tok.decode([t for t in e.labels if t != -100])
+        assert "<|" not in trained and trained.endswith("</s>\n")
+
+
+def test_collate_right_pads():
+    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])], pad_id=0)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_collate_rejects_mismatched_lengths():
+    with pytest.raises(ValueError):
+        collate([Example([1, 2], [1])], pad_id=0)
