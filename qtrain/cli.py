@@ -6,6 +6,7 @@ User errors (`QtrainError`) print one message and exit with code 2, without a tr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from qtrain.errors import EXIT_USER_ERROR, QtrainError
@@ -29,8 +30,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_optional_backends() -> None:
+    """bitsandbytes warns at import that an optional CPU kernel package (`kernels`) is missing;
+    qtrain never uses that path, so the CLI keeps it off the user's terminal."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_optional_backends()
     try:
         return {"train": _train}[args.command](args)
     except QtrainError as exc:

@@ -25,9 +25,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return parse_yaml_text(text, str(path))
 
 
+def safe_load(text: str) -> Any:
+    """`yaml.safe_load`, with its constructors' own crashes raised as `yaml.YAMLError`.
+
+    A scalar that looks typed but is not (`2024-13-45`, `!!int abc`) makes PyYAML raise
+    ValueError and others; safe loading runs no user code, so any failure means bad input.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise yaml.YAMLError(f"cannot build a value: {exc} (quote a value meant as a string)") from None
+
+
 def parse_yaml_text(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -49,7 +63,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             problems.append(f"override {item!r}: expected key.sub=value (e.g. train.max_steps=20)")
             continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             problems.append(f"override {item!r}: value is not valid YAML; quote it")
             continue

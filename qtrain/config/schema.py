@@ -92,7 +92,8 @@ class DistributedConfig:
 class CheckpointConfig:
     every_steps: int = 200
     keep: int = 3
-    resume: Literal["auto", "never"] = "auto"
+    # `auto` (continue from the newest complete checkpoint) is refused until exact resume lands.
+    resume: Literal["auto", "never"] = "never"
 
 
 @dataclass

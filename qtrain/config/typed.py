@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -65,6 +66,8 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return dict(value)
         out = {}
         for k, v in value.items():
+            if key_tp is str and not isinstance(k, str):
+                problems.append(f"{key}.{k}: keys must be strings, got {type(k).__name__} {k!r}; quote the key")
             out[k] = _convert(v, val_tp, f"{key}.{k}", problems)
         return out
     return _scalar(value, tp, key, problems)
@@ -82,13 +85,18 @@ def _scalar(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return value
     elif tp is float:
         # YAML reads `2e-4` as a string (YAML 1.1); accept numeric strings for floats only.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond float range
+                number = math.inf
             except ValueError:
-                pass
+                number = None
+            if number is not None and math.isfinite(number):
+                return number
+            if number is not None:  # nan/inf would pass every range check (`nan < 0` is False)
+                problems.append(f"{key}: must be a finite number, got {value!r}")
+                return _MISSING
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -38,7 +38,7 @@ def check_values(r: Recipe) -> list[str]:
     if isinstance(r.peft.targets, str):
         try:
             re.compile(r.peft.targets)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:  # e.g. `a{4294967296}`, deep nesting
             p.append(f"peft.targets: invalid regex {r.peft.targets!r}: {exc}")
     d = r.data
     if not d.path:
@@ -63,4 +63,10 @@ def check_values(r: Recipe) -> list[str]:
     _positive(p, "checkpoint.every_steps", r.checkpoint.every_steps, allow_zero=True)
     _positive(p, "checkpoint.keep", r.checkpoint.keep)
     _positive(p, "logging.every_steps", r.logging.every_steps)
+    if r.checkpoint.resume == "auto":
+        p.append("checkpoint.resume: 'auto' is not supported yet (checkpoints hold adapter snapshots only, "
+                 "not optimizer/data/RNG state, so a resume would not reproduce); use 'never'")
+    if r.distributed.engine in ("ddp", "deepspeed"):
+        p.append(f"distributed.engine: {r.distributed.engine!r} is not supported yet; use 'auto' or 'plain' "
+                 "(single process)")
     return p

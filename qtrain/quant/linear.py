@@ -22,6 +22,10 @@ class NF4Linear(nn.Module):
         self.backend = backend
 
     @classmethod
+    def from_row_chunks(cls, chunks, shape: tuple[int, int], dtype: torch.dtype, spec: NF4Spec, backend: str) -> NF4Linear:
+        return cls(NF4Weight.from_row_chunks(chunks, shape, dtype, spec), None, backend)
+
+    @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], spec: NF4Spec, backend: str) -> NF4Linear:
         return cls(NF4Weight.quantize(weight, spec), bias, backend)
 

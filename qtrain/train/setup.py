@@ -81,6 +81,10 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[n
 
 def prepare(recipe: Recipe, env: DistEnv) -> Session:
     kernel_backend(recipe)  # refuse an impossible kernels= before any work
+    if env.world_size > 1:
+        # Without a DDP/DeepSpeed engine each rank would train its own unsynchronized adapter.
+        raise ConfigError(f"launched with WORLD_SIZE={env.world_size}, but this build trains in one process "
+                          "only (no DDP/DeepSpeed engine yet); run `qtrain train RECIPE` without torchrun/deepspeed")
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     device = env.device()
