@@ -28,6 +28,12 @@ def anchor_config(rank: int, alpha: float) -> dict:
         "lora": {"r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": TARGETS,
                  "task_type": "CAUSAL_LM"},
         "loss": "model(input_ids=x, labels=x).loss under torch.autocast('cpu', bfloat16)",
+        "notes": [
+            "ran as documented; nothing had to be changed for CPU",
+            "prepare_model_for_kbit_training upcasts every non-4-bit parameter (embeddings, lm_head, norms) to fp32",
+            "in training bitsandbytes' CPU MatMul4Bit dequantizes to bf16 and runs a dense matmul, in forward, "
+            "recompute and backward; its fused kernels-community CPU kernel (not installed) serves eval-mode inference only",
+        ],
     }
 
 

@@ -45,8 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads on both sides")
     p.add_argument("--cache", type=Path, default=None, help="model dir (default /tmp/qtrain_bench/llama-H-L)")
     p.add_argument("--out", type=Path, default=None, help="merge the result into this JSON file, keyed by device")
+    p.add_argument("--recompute", default="full,attention,matmuls",
+                   help="qtrain's train.recompute modes to measure, comma-separated (each its own qtrain side)")
     p.add_argument("--side", choices=("prepare",) + SIDES, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.recompute = [m for m in args.recompute.split(",") if m]
+    bad = [m for m in args.recompute if m not in ("full", "attention", "matmuls")]
+    if bad or not args.recompute:
+        p.error(f"--recompute takes full, attention, matmuls; got {bad or 'nothing'}")
     if args.hidden % 64:
         p.error(f"--hidden must be a multiple of 64 (head dim 64), got {args.hidden}")
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
@@ -116,7 +122,8 @@ def build_qtrain(args: argparse.Namespace, base: Path, tmp: str):
         "quant": {"method": "nf4", "double_quant": True},
         "peft": {"r": args.rank, "alpha": 2.0 * args.rank, "dropout": 0.0},
         "data": {"path": str(REPO / "data" / "quickstart" / "train.jsonl")},
-        "train": {"gradient_checkpointing": True, "autocast": "on", "lr": LR, "num_threads": args.threads},
+        "train": {"gradient_checkpointing": True, "recompute": args.recompute[0], "autocast": "on", "lr": LR,
+                  "num_threads": args.threads},
     })
     model, _ = build_model(recipe, base, torch.device("cpu"))
     model.train()
@@ -189,8 +196,8 @@ def run_side(args: argparse.Namespace) -> dict:
 
 # ---- parent ---------------------------------------------------------------------------------
 
-def child_argv(args: argparse.Namespace, side: str) -> list[str]:
-    argv = [sys.executable, "-m", "benchmarks.bench_cpu_step", "--side", side]
+def child_argv(args: argparse.Namespace, side: str, recompute: str = "full") -> list[str]:
+    argv = [sys.executable, "-m", "benchmarks.bench_cpu_step", "--side", side, "--recompute", recompute]
     for name in ("hidden", "layers", "seq", "batch", "rank", "steps", "warmup", "threads"):
         argv += [f"--{name}", str(getattr(args, name))]
     if args.cache:
@@ -198,8 +205,8 @@ def child_argv(args: argparse.Namespace, side: str) -> list[str]:
     return argv
 
 
-def run_child(args: argparse.Namespace, side: str) -> dict:
-    proc = subprocess.run(child_argv(args, side), cwd=REPO, stdout=subprocess.PIPE, text=True)
+def run_child(args: argparse.Namespace, side: str, recompute: str = "full") -> dict:
+    proc = subprocess.run(child_argv(args, side, recompute), cwd=REPO, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"bench_cpu_step: the {side!r} side failed (exit {proc.returncode}); its stderr is above")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -255,26 +262,34 @@ def compare(args: argparse.Namespace) -> dict:
     from benchmarks._anchor import anchor_config
 
     run_child(args, "prepare")
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    runs: dict[str, list[dict]] = {"hf": [], **{mode: [] for mode in args.recompute}}
     for _ in range(args.rounds):
-        for side in SIDES:
-            runs[side].append(run_child(args, side))
+        runs["hf"].append(run_child(args, "hf"))
+        for mode in args.recompute:
+            runs[mode].append(run_child(args, "qtrain", mode))
     tokens = args.batch * args.seq
-    hf, qt = summarize(runs["hf"], tokens), summarize(runs["qtrain"], tokens)
+    hf = summarize(runs["hf"], tokens)
+    qtrain = {mode: summarize(runs[mode], tokens) for mode in args.recompute}
+    ratios = {mode: {"step_time_qtrain_over_hf": ratio(qt, hf, "median_step_s"),
+                     "min_step_time_qtrain_over_hf": ratio(qt, hf, "min_step_s"),
+                     "cpu_time_qtrain_over_hf": ratio(qt, hf, "median_cpu_s"),
+                     "peak_memory_qtrain_over_hf": ratio(qt, hf, "peak_rss_mib"),
+                     "train_phase_peak_memory_qtrain_over_hf": ratio(qt, hf, "peak_rss_train_mib")}
+              for mode, qt in qtrain.items()}
     return {
         "device": device_key(args.threads),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {"model": llama_config(args.hidden, args.layers), "seq": args.seq, "batch": args.batch,
                    "rank": args.rank, "alpha": 2 * args.rank, "steps": args.steps, "warmup": args.warmup,
                    "rounds": args.rounds, "threads": args.threads, "lr": LR, "autocast": "bfloat16",
-                   "gradient_checkpointing": "non-reentrant", "model_dir": str(model_dir(args))},
+                   "gradient_checkpointing": "non-reentrant (anchor: full recompute; qtrain: per train.recompute)",
+                   "model_dir": str(model_dir(args)),
+                   "qtrain": "train.setup.build_model(recipe); loss = causal_lm_loss_sum / count_trained_tokens, "
+                             "forward under autocast with an all-ones attention_mask, as train/loop.py does"},
         "anchor_config": anchor_config(args.rank, 2 * args.rank),
-        "hf": hf, "qtrain": qt,
-        "ratios": {"step_time_qtrain_over_hf": ratio(qt, hf, "median_step_s"),
-                   "min_step_time_qtrain_over_hf": ratio(qt, hf, "min_step_s"),
-                   "cpu_time_qtrain_over_hf": ratio(qt, hf, "median_cpu_s"),
-                   "peak_memory_qtrain_over_hf": ratio(qt, hf, "peak_rss_mib"),
-                   "train_phase_peak_memory_qtrain_over_hf": ratio(qt, hf, "peak_rss_train_mib")},
+        "hf": hf,
+        "qtrain_by_recompute": qtrain,
+        "ratios_by_recompute": ratios,
         "versions": versions(),
     }
 

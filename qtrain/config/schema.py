@@ -75,6 +75,8 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "paged_adamw_8bit"
     grad_clip: Optional[float] = 1.0
     gradient_checkpointing: bool = True
+    # With checkpointing: what backward recomputes (see qtrain/train/recompute.py).
+    recompute: Literal["full", "attention", "matmuls"] = "full"
     # bf16 autocast around forward/backward; `auto` = on when model.dtype is bfloat16.
     autocast: Literal["auto", "on", "off"] = "auto"
     eval_every_steps: int = 0

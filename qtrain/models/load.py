@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qtrain.errors import ModelError
+from qtrain.models.safetensors_read import SafetensorsFile
 from qtrain.quant.linear import NF4Linear
 from qtrain.quant.nf4 import NF4Spec, rows_per_chunk
 
@@ -36,32 +37,11 @@ def shard_files(model_dir: Path) -> list[Path]:
                      "model.safetensors.index.json; convert .bin checkpoints with save_pretrained(safe_serialization=True))")
 
 
-class TensorSource:
-    """One tensor in a safetensors file, readable whole or as row ranges (without reading the rest)."""
-
-    def __init__(self, handle, key: str) -> None:
-        self._handle, self.key = handle, key
-
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._handle.get_slice(self.key).get_shape())
-
-    def read(self) -> torch.Tensor:
-        return self._handle.get_tensor(self.key)
-
-    def row_chunks(self, rows: int) -> Iterator[torch.Tensor]:
-        sl = self._handle.get_slice(self.key)
-        n = sl.get_shape()[0]
-        for i in range(0, n, rows):
-            yield sl[i:i + rows]
-
-
-def iter_tensors(files: list[Path]) -> Iterator[TensorSource]:
-    from safetensors import safe_open
-
+def iter_tensors(files: list[Path]) -> Iterator[tuple[SafetensorsFile, str]]:
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
+        with SafetensorsFile(f) as fh:
             for key in fh.keys():
-                yield TensorSource(fh, key)
+                yield fh, key
 
 
 def quantizable_linears(model: nn.Module) -> set[str]:
@@ -94,21 +74,22 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     to_quantize = quantizable_linears(model) if quantize is not None else set()
     params = dict(model.named_parameters())
     biases: dict[str, torch.Tensor] = {}
-    for src in iter_tensors(files):
-        module_name, _, leaf = src.key.rpartition(".")
+    for fh, key in iter_tensors(files):
+        module_name, _, leaf = key.rpartition(".")
         if module_name in to_quantize:
             if leaf == "weight":
-                shape = src.shape()
-                chunks = (c.to(device) for c in src.row_chunks(rows_per_chunk(shape, quantize.blocksize, CHUNK_ELEMS)))
+                shape = fh.shape(key)
+                rows = rows_per_chunk(shape, quantize.blocksize, CHUNK_ELEMS)
+                chunks = (c.to(device) for c in fh.row_chunks(key, rows))
                 model.set_submodule(module_name, NF4Linear.from_row_chunks(chunks, shape, dtype, quantize, backend))
             else:
-                biases[module_name] = src.read().to(device=device, dtype=dtype)
+                biases[module_name] = fh.read(key).to(device=device, dtype=dtype)
             continue
-        if src.key not in params:
+        if key not in params:
             continue  # e.g. rotary tables some checkpoints carry; the model builds its own
-        tensor = src.read()
+        tensor = fh.read(key)
         value = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
-        place_parameter(model, src.key, value)
+        place_parameter(model, key, value)
     for name, bias in biases.items():
         model.get_submodule(name).bias = nn.Parameter(bias, requires_grad=False)
     if getattr(model.config, "tie_word_embeddings", False):
@@ -121,8 +102,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
 def place_parameter(model: nn.Module, key: str, value: torch.Tensor) -> None:
     """Replace the (meta) parameter `key` with `value`, frozen.
 
-    A direct replacement rather than accelerate's set_module_tensor_to_device: measured, that
-    helper made the process keep ~1x the bf16 model size of freed heap while streaming.
+    The tensor comes from our own reader, so it owns its memory (see safetensors_read.py).
     """
     module_name, _, leaf = key.rpartition(".")
     module = model.get_submodule(module_name)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qtrain.quant.linear import dense_weight_fn
+from qtrain.peft.recompute import keep_matmul_outputs
 from qtrain_kernels.lora_linear import lora_linear
 
 
@@ -44,6 +45,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         # Set by the trainer when gradient checkpointing is on (see qtrain_kernels.lora_linear).
         self.save_weight_for_backward = False
+        # Set by the trainer under selective recompute (qtrain.train.recompute).
+        self.keep_output = False
         self.adapter_enabled = True
         self._weight_fn = dense_weight_fn(base)
 
@@ -53,10 +56,13 @@ class LoRALinear(nn.Module):
         bias = getattr(self.base_layer, "bias", None)
         if not self.adapter_enabled:
             return lora_linear(x, self._weight_fn, bias)
-        a = self.lora_A.weight.to(dtype)
-        b = self.lora_B.weight.to(dtype)
         p = self.dropout if self.training else 0.0
-        return lora_linear(x, self._weight_fn, bias, a, b, self.scale, p, self.save_weight_for_backward)
+        if not self.keep_output:
+            return lora_linear(x, self._weight_fn, bias, self.lora_A.weight, self.lora_B.weight, self.scale, p,
+                               self.save_weight_for_backward)
+        with keep_matmul_outputs(True):
+            return lora_linear(x, self._weight_fn, bias, self.lora_A.weight, self.lora_B.weight, self.scale, p,
+                               self.save_weight_for_backward)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}"

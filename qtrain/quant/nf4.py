@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 
 from qtrain_kernels import nf4_reference as ref
-from qtrain_kernels.dispatch import dequantize_nf4
+from qtrain_kernels.dispatch import dequantize_absmax, dequantize_nf4
 
 
 @dataclass
@@ -106,15 +106,15 @@ class NF4Weight(torch.nn.Module):
         codes, absmax2, offset = _double_quantize(absmax)
         return cls(packed, codes, shape, dtype, spec, absmax2, offset)
 
-    def float_absmax(self) -> torch.Tensor:
+    def float_absmax(self, backend: str = "bnb") -> torch.Tensor:
         """The per-block float32 absmax (double quantization undone)."""
         if self.absmax2 is None:
             return self.absmax
-        return ref.dequantize_absmax(self.absmax, self.absmax2, self.offset)
+        return dequantize_absmax(self.absmax, self.absmax2, self.offset, backend=backend)
 
     def dequantize(self, backend: str = "bnb") -> torch.Tensor:
         """The dense weight in the dtype it was quantized from."""
-        return dequantize_nf4(self.packed, self.float_absmax(), self.shape, self.dtype, self.spec.blocksize,
+        return dequantize_nf4(self.packed, self.float_absmax(backend), self.shape, self.dtype, self.spec.blocksize,
                               backend=backend)
 
     def nbytes(self) -> int:

@@ -22,6 +22,7 @@ from qtrain.models.tokenizer import load_tokenizer
 from qtrain.peft.inject import inject_lora, lora_modules
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.train.optim import build_optimizer, build_scheduler
+from qtrain.peft.recompute import checkpoint_kwargs, mark_kept_outputs
 from qtrain_kernels import dispatch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -73,9 +74,11 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[n
     names = inject_lora(model, recipe.peft)
     model.config.use_cache = False
     if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for mod in lora_modules(model).values():
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(recipe.train.recompute))
+        layers = lora_modules(model)
+        for mod in layers.values():
             mod.save_weight_for_backward = True
+        mark_kept_outputs(layers, recipe.train.recompute)
     return model, names
 
 
