@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from qtrain.errors import EXIT_USER_ERROR, QtrainError
+from qtrain.errors import EXIT_USER_ERROR, QtrainError, TrainingStopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except QtrainError as exc:
         print(f"qtrain: {exc.kind}: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingStopped as exc:
+        print(f"qtrain: stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -51,3 +51,16 @@ class CheckpointError(QtrainError):
     """A checkpoint or adapter directory is missing, incomplete or corrupt."""
 
     kind = "checkpoint error"
+
+
+# Exit codes of `qtrain train` besides 0 (success) and 2 (user error).
+EXIT_NONFINITE = 3   # stopped on non-finite loss/gradients; the last good state was saved
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run the same command again
+
+
+class TrainingStopped(Exception):
+    """The run stopped early on purpose; `exit_code` says why. Not a user error."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

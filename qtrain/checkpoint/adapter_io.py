@@ -52,17 +52,22 @@ def adapter_config(cfg: PeftConfig, base_model: str, task_type: str = "CAUSAL_LM
     }
 
 
-def save_adapter(model: nn.Module, cfg: PeftConfig, base_model: str, out_dir: str | Path) -> Path:
-    """Write the adapter atomically; refuses to write an empty or non-finite adapter."""
+def write_adapter_files(model: nn.Module, cfg: PeftConfig, base_model: str, out_dir: Path) -> None:
+    """Write the two adapter files into an existing dir; refuses an empty or non-finite adapter."""
     state = adapter_state(model)
     if not state:
         raise CheckpointError(f"refusing to save an empty adapter to {out_dir}: the model has no LoRA layers")
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"refusing to save a non-finite adapter to {out_dir}: {bad[0]} has NaN/inf values")
+    save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(adapter_config(cfg, base_model), indent=2) + "\n")
+
+
+def save_adapter(model: nn.Module, cfg: PeftConfig, base_model: str, out_dir: str | Path) -> Path:
+    """Write the adapter dir atomically: readers see the old adapter or the whole new one."""
     with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config(cfg, base_model), indent=2) + "\n")
+        write_adapter_files(model, cfg, base_model, tmp)
     return Path(out_dir)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames inside it durable)."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -38,7 +39,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
             os.rename(target, old)
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

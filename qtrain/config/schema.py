@@ -79,6 +79,12 @@ class TrainConfig:
     recompute: Literal["full", "attention", "matmuls"] = "full"
     # bf16 autocast around forward/backward; `auto` = on when model.dtype is bfloat16.
     autocast: Literal["auto", "on", "off"] = "auto"
+    # On a NaN/inf loss or gradient norm: skip the step (stop after max_nonfinite_in_row in a
+    # row) or stop at once; either way the last good state is checkpointed before stopping.
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite_in_row: int = 3
+    # torch.use_deterministic_algorithms(True): bit-reproducible runs (fixed threads on CPU).
+    deterministic: bool = False
     eval_every_steps: int = 0
     eval_batches: Optional[int] = None
     num_threads: Optional[int] = None
@@ -94,8 +100,9 @@ class DistributedConfig:
 class CheckpointConfig:
     every_steps: int = 200
     keep: int = 3
-    # `auto` (continue from the newest complete checkpoint) is refused until exact resume lands.
-    resume: Literal["auto", "never"] = "never"
+    # auto: continue from the newest intact checkpoint in output_dir (if any); never: start over;
+    # step-N: exactly that checkpoint.
+    resume: str = "auto"
 
 
 @dataclass

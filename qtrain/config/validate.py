@@ -63,9 +63,9 @@ def check_values(r: Recipe) -> list[str]:
     _positive(p, "checkpoint.every_steps", r.checkpoint.every_steps, allow_zero=True)
     _positive(p, "checkpoint.keep", r.checkpoint.keep)
     _positive(p, "logging.every_steps", r.logging.every_steps)
-    if r.checkpoint.resume == "auto":
-        p.append("checkpoint.resume: 'auto' is not supported yet (checkpoints hold adapter snapshots only, "
-                 "not optimizer/data/RNG state, so a resume would not reproduce); use 'never'")
+    if not re.fullmatch(r"auto|never|step-\d+", r.checkpoint.resume):
+        p.append(f"checkpoint.resume: must be auto, never or a checkpoint name like step-200; got {r.checkpoint.resume!r}")
+    _positive(p, "train.max_nonfinite_in_row", t.max_nonfinite_in_row)
     if r.distributed.engine in ("ddp", "deepspeed"):
         p.append(f"distributed.engine: {r.distributed.engine!r} is not supported yet; use 'auto' or 'plain' "
                  "(single process)")

@@ -151,7 +151,13 @@ def _read_and_split(cfg: DataConfig, seed: int) -> tuple[_Rows, _Rows, int]:
 
 
 def _read(path: str, key: str) -> _Rows:
-    return _Rows(path, list(enumerate(read_rows(path, key=key).to_list(), start=1)))
+    dataset = read_rows(path, key=key)
+    try:
+        rows = dataset.to_list()  # strings are decoded here, lazily, not when the file is read
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start} of a value); "
+                        f"re-save the file as UTF-8 or fix the bad rows ({key})") from None
+    return _Rows(path, list(enumerate(rows, start=1)))
 
 
 def _encode_all(rows: _Rows, cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], _Counts]:

@@ -1,21 +1,45 @@
-"""The training loop: accumulate, clip, step, log, evaluate, snapshot, summarize."""
+"""The training loop: accumulate, guard, step, log, evaluate, checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from qtrain.checkpoint.adapter_io import save_adapter
-from qtrain.checkpoint.snapshots import prune_snapshots, snapshot_dir
 from qtrain.data import BatchStream, collate
+from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
+from qtrain.train.checkpointing import save_checkpoint
+from qtrain.train.faults import FaultPlan
+from qtrain.train.guard import PreemptFlag
 from qtrain.train.loss import causal_lm_loss_sum, count_trained_tokens
-from qtrain.train.metrics import MetricsLog, median_step_s, param_counts, peak_memory_mib
+from qtrain.train.metrics import MetricsLog
 from qtrain.train.setup import Session
+
+
+@dataclass
+class RunState:
+    """What the loop carries from step to step (and what a checkpoint restores)."""
+
+    step: int = 0
+    last_loss: float = math.nan
+    last_eval_loss: float | None = None
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    step_times: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        del out["step_times"], out["tokens"]  # timing of this process only
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunState:
+        return cls(**data)
 
 
 @dataclass
@@ -24,15 +48,7 @@ class StepResult:
     grad_norm: float
     tokens: int
     seconds: float
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    step_times: list[float] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    last_loss: float = math.nan
-    last_eval_loss: float | None = None
+    skipped: bool
 
 
 def _autocast(s: Session):
@@ -51,8 +67,12 @@ def loss_sum_of(s: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return causal_lm_loss_sum(logits, batch["labels"])
 
 
-def train_step(s: Session, micro_batches: list[list[int]]) -> StepResult:
-    """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their trained tokens."""
+def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False) -> StepResult:
+    """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their trained tokens.
+
+    A non-finite loss or gradient norm skips `optimizer.step` (and the schedule): the adapter
+    keeps its last good values; the caller applies the recipe's policy.
+    """
     t0 = time.perf_counter()
     pad = s.tokenizer.pad_token_id
     batches = [_batch_to(collate([s.data.train[i] for i in idx], pad), s.device) for idx in micro_batches]
@@ -60,23 +80,28 @@ def train_step(s: Session, micro_batches: list[list[int]]) -> StepResult:
     total = 0.0
     for batch in batches:
         loss_sum = loss_sum_of(s, batch)
+        if poison:
+            loss_sum = loss_sum * math.nan
         (loss_sum / n_trained).backward()
         total += float(loss_sum.detach())
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
     clip = s.recipe.train.grad_clip if s.recipe.train.grad_clip is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    s.optimizer.step()
-    s.scheduler.step()
+    loss = total / n_trained
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        s.optimizer.step()
+        s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
-    return StepResult(total / n_trained, grad_norm, tokens, time.perf_counter() - t0)
+    return StepResult(loss, grad_norm, tokens, time.perf_counter() - t0, skipped=not finite)
 
 
 @torch.no_grad()
-def evaluate(s: Session) -> float | None:
-    """Mean next-token NLL over the eval split (None without one)."""
+def evaluate(s: Session, flag: PreemptFlag | None = None) -> float | None:
+    """Mean next-token NLL over the eval split (None without one, or if preempted meanwhile)."""
     examples = s.data.eval
     if not examples:
         return None
@@ -86,64 +111,74 @@ def evaluate(s: Session) -> float | None:
         chunks = chunks[: s.recipe.train.eval_batches]
     s.model.eval()
     total, count = 0.0, 0
-    for chunk in chunks:
-        batch = _batch_to(collate(chunk, s.tokenizer.pad_token_id), s.device)
-        total += float(loss_sum_of(s, batch))
-        count += count_trained_tokens(batch["labels"])
-    s.model.train()
+    try:
+        for chunk in chunks:
+            if flag:
+                return None
+            batch = _batch_to(collate(chunk, s.tokenizer.pad_token_id), s.device)
+            total += float(loss_sum_of(s, batch))
+            count += count_trained_tokens(batch["labels"])
+    finally:
+        s.model.train()
     return total / max(1, count)
 
 
-def _should(every: int, step: int, last: int) -> bool:
-    return step == last or (every > 0 and step % every == 0)
+def _nonfinite(s: Session, state: RunState, result: StepResult) -> None:
+    """Apply train.nonfinite: `skip` tolerates up to max_nonfinite_in_row in a row, `stop` none."""
+    state.nonfinite_in_row += 1
+    state.nonfinite_total += 1
+    t = s.recipe.train
+    limit = 1 if t.nonfinite == "stop" else t.max_nonfinite_in_row
+    if state.nonfinite_in_row >= limit:
+        raise TrainingStopped(
+            f"non-finite loss/gradients at step {state.step} (loss {result.loss}, grad norm {result.grad_norm}; "
+            f"{state.nonfinite_in_row} in a row); the last good state is saved", EXIT_NONFINITE)
 
 
-def run_loop(s: Session, state: RunState, stream: BatchStream, log: MetricsLog) -> RunState:
-    cfg, out = s.recipe, s.recipe.output_dir
+def run_loop(s: Session, state: RunState, stream: BatchStream, log: MetricsLog, flag: PreemptFlag,
+             faults: FaultPlan) -> RunState:
+    cfg = s.recipe
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", unit="step",
                disable=not (cfg.logging.progress and s.env.is_main), dynamic_ncols=True)
-    while state.step < cfg.train.max_steps:
-        lr = s.scheduler.get_last_lr()[0]
-        result = train_step(s, [next(stream) for _ in range(cfg.train.grad_accum)])
-        state.step += 1
-        state.step_times.append(result.seconds)
-        state.tokens.append(result.tokens)
-        state.last_loss = result.loss
-        record = {"step": state.step, "loss": round(result.loss, 6), "lr": lr,
-                  "grad_norm": round(result.grad_norm, 6), "tokens_per_s": round(result.tokens / result.seconds, 2)}
-        if _should(cfg.train.eval_every_steps, state.step, -1) and cfg.train.eval_every_steps:
-            state.last_eval_loss = evaluate(s)
-            record["eval_loss"] = state.last_eval_loss
-        if s.env.is_main and _should(cfg.logging.every_steps, state.step, cfg.train.max_steps):
-            log.write(record)
-        if s.env.is_main and cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0 \
-                and state.step < cfg.train.max_steps:
-            save_adapter(s.model, cfg.peft, str(s.base_dir.resolve()), snapshot_dir(out, state.step))
-            prune_snapshots(out, cfg.checkpoint.keep)
-        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
-        bar.update(1)
-    bar.close()
+    try:
+        while state.step < cfg.train.max_steps:
+            lr = s.scheduler.get_last_lr()[0]
+            result = train_step(s, [next(stream) for _ in range(cfg.train.grad_accum)],
+                                poison=faults.poison_loss(state.step + 1))
+            state.step += 1
+            state.step_times.append(result.seconds)
+            state.tokens.append(result.tokens)
+            record = {"step": state.step, "loss": round(result.loss, 6), "lr": lr,
+                      "grad_norm": round(result.grad_norm, 6), "tokens_per_s": round(result.tokens / result.seconds, 2)}
+            if result.skipped:
+                record["skipped"] = True
+            else:
+                state.last_loss = result.loss
+                state.nonfinite_in_row = 0
+            faults.after_step(state.step)
+            if result.skipped:
+                if s.env.is_main:
+                    log.write(record)
+                try:
+                    _nonfinite(s, state, result)
+                except TrainingStopped:
+                    save_checkpoint(s, state.to_json(), stream, faults)
+                    raise
+                continue
+            every = cfg.train.eval_every_steps
+            if every and state.step % every == 0:
+                state.last_eval_loss = evaluate(s, flag)
+                record["eval_loss"] = state.last_eval_loss
+            if s.env.is_main and (state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps):
+                log.write(record)
+            ck = cfg.checkpoint.every_steps
+            if flag or state.step == cfg.train.max_steps or (ck and state.step % ck == 0):
+                save_checkpoint(s, state.to_json(), stream, faults)
+            if flag:
+                raise TrainingStopped(f"preempted by signal {flag.signal}; saved step {state.step}; "
+                                      "run the same command to resume", EXIT_PREEMPTED)
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+    finally:
+        bar.close()
     return state
-
-
-def build_summary(s: Session, state: RunState) -> dict:
-    trainable, total = param_counts(s.model)
-    times, tokens = state.step_times[1:] or state.step_times, state.tokens[1:] or state.tokens
-    mb, ga = s.recipe.train.micro_batch_size, s.recipe.train.grad_accum
-    return {
-        "steps": state.step,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": round(100.0 * trainable / total, 4),
-        "median_step_s": median_step_s(state.step_times),
-        "tokens_per_s": sum(tokens) / sum(times) if times and sum(times) > 0 else None,
-        "peak_memory_mib": round(peak_memory_mib(s.device), 1),
-        "final_train_loss": state.last_loss,
-        "final_eval_loss": state.last_eval_loss,
-        "global_batch_size": mb * ga * s.env.world_size,
-        "world_size": s.env.world_size,
-        "device": str(s.device),
-        "quant": s.recipe.quant.method,
-        "lora_layers": len(s.target_names),
-        "data": vars(s.data.report),
-    }

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qtrain.checkpoint.atomic import atomic_write_text
 from qtrain.quant.linear import NF4Linear
 
 
@@ -54,3 +55,11 @@ def median_step_s(step_times: list[float]) -> float | None:
     """Median step time with the first (warm-up) step left out."""
     times = step_times[1:] or step_times
     return statistics.median(times) if times else None
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only records up to `last_step` (a resumed run rewrites the steps after its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

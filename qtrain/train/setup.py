@@ -90,6 +90,8 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
                           "only (no DDP/DeepSpeed engine yet); run `qtrain train RECIPE` without torchrun/deepspeed")
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
+    if recipe.train.deterministic:
+        torch.use_deterministic_algorithms(True)
     device = env.device()
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     data = build_datasets(recipe.data, tokenizer, recipe.seed)

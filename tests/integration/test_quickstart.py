@@ -52,7 +52,19 @@ def test_adapter_loads_in_peft_on_the_written_base(run_dir):
     assert b_norm > 0  # trained, not the zero init
 
 
-def test_snapshots_are_pruned_to_keep(run_dir):
-    steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert steps == ["step-20"]  # step 40 is the final adapter; keep: 2 never exceeded
-    assert not list((run_dir / "checkpoints").glob(".*"))  # no temporary leftovers
+def test_checkpoints_are_committed_and_pruned_to_keep(run_dir):
+    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert steps == ["step-20", "step-40"]  # every 20 steps plus the last; keep: 2
+    for step in steps:
+        assert (run_dir / "checkpoints" / step / "COMMITTED").is_file()
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # no unfinished saves
+
+
+def test_running_the_finished_command_again_resumes_at_the_end(run_dir):
+    cmd = [sys.executable, "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={run_dir}",
+           "train.max_steps=40", "logging.every_steps=1", "checkpoint.every_steps=20"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(step 40)" in proc.stdout and "done: 40 steps" in proc.stdout
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 40  # nothing retrained, nothing duplicated

@@ -56,7 +56,7 @@ def test_quickstart_values_arrive_typed():
     assert r.model.from_config["model_type"] == "llama" and r.model.path is None
     assert r.peft.alpha == 32.0 and isinstance(r.peft.alpha, float)  # YAML int into a float field
     assert r.train.lr == pytest.approx(3e-3) and r.train.max_steps == 150
-    assert r.data.format == "instruction" and r.checkpoint.resume == "never"
+    assert r.data.format == "instruction" and r.checkpoint.resume == "auto"
 
 
 # --- unknown keys, wrong types, bad values: all reported at once ---------------------------------

@@ -1,0 +1,97 @@
+"""What a training checkpoint holds, and putting it back: exact resume.
+
+Files inside `checkpoints/step-N/` (see store.py for the commit protocol):
+  adapter/                       the adapter at step N, PEFT format (loadable on its own)
+  optimizer.safetensors          optimizer state tensors; its metadata holds the JSON structure
+  trainer_state.json             step, scheduler, data position, guard counters
+  rng-rank-R.safetensors         torch CPU/CUDA generator states and Python's `random` state, per rank
+Nothing is unpickled on load: tensors come from safetensors, the rest from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qtrain.checkpoint.adapter_io import load_adapter_weights, read_adapter, write_adapter_files
+from qtrain.checkpoint.tree import flatten, unflatten
+from qtrain.errors import CheckpointError
+
+ADAPTER_DIR = "adapter"
+OPTIMIZER = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank-{rank}.safetensors"
+
+
+def required_files(world_size: int) -> list[str]:
+    return [f"{ADAPTER_DIR}/adapter_model.safetensors", OPTIMIZER, TRAINER_STATE] + \
+        [rng_file(r) for r in range(world_size)]
+
+
+def _save_tree(obj: Any, path: Path, prefix: str) -> None:
+    tree, tensors = flatten(obj, prefix)
+    save_file(tensors, str(path), metadata={"tree": json.dumps(tree)})
+
+
+def _load_tree(path: Path) -> Any:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tree = json.loads(fh.metadata()["tree"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
+        raise CheckpointError(f"{path}: cannot read ({exc})") from None
+    return unflatten(tree, tensors)
+
+
+def save_rank_state(tmp: Path, rank: int) -> None:
+    """This rank's random generators (every rank calls this)."""
+    state = {"torch_cpu": torch.get_rng_state(), "python": list(random.getstate())}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    _save_tree(state, tmp / rng_file(rank), "rng")
+
+
+def save_shared_state(tmp: Path, *, model, peft_cfg, base_model: str, optimizer, trainer_state: dict,
+                      on_file: Callable[[], None] = lambda: None) -> None:
+    """Adapter, optimizer and trainer state (rank 0 writes these; ranks hold identical copies).
+
+    `on_file` runs after each file is written (fault-injection tests crash there).
+    """
+    (tmp / ADAPTER_DIR).mkdir()
+    write_adapter_files(model, peft_cfg, base_model, tmp / ADAPTER_DIR)
+    on_file()
+    _save_tree(optimizer.state_dict(), tmp / OPTIMIZER, "optimizer")
+    on_file()
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+    on_file()
+
+
+def restore(ckpt: Path, rank: int, *, model, optimizer) -> dict:
+    """Load adapter + optimizer + this rank's RNG from `ckpt`; returns the trainer state dict."""
+    _, tensors = read_adapter(ckpt / ADAPTER_DIR)
+    load_adapter_weights(model, tensors)
+    try:
+        optimizer.load_state_dict(_load_tree(ckpt / OPTIMIZER))
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{ckpt / OPTIMIZER}: does not fit this run's optimizer ({exc}); "
+                              "resume with the recipe that wrote it") from None
+    try:
+        trainer_state = json.loads((ckpt / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt / TRAINER_STATE}: unreadable ({exc})") from None
+    rng = _load_tree(ckpt / rng_file(rank))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["torch_cuda"])
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    return trainer_state

@@ -1,0 +1,28 @@
+"""Save a full training checkpoint at a step boundary (adapter, optimizer, schedule, data, RNG)."""
+
+from __future__ import annotations
+
+from qtrain.checkpoint import store
+from qtrain.checkpoint.train_state import save_rank_state, save_shared_state
+from qtrain.data import BatchStream
+from qtrain.train.faults import FaultPlan
+from qtrain.train.setup import Session
+
+
+def trainer_state(s: Session, run_state: dict, stream: BatchStream) -> dict:
+    return {"step": run_state["step"], "scheduler": s.scheduler.state_dict(), "data": stream.state_dict(),
+            "run": run_state, "world_size": s.env.world_size, "seed": s.recipe.seed}
+
+
+def save_checkpoint(s: Session, run_state: dict, stream: BatchStream, faults: FaultPlan) -> None:
+    step = run_state["step"]
+    out = s.recipe.output_dir
+    tmp = store.begin(out, step)
+    save_rank_state(tmp, s.env.rank)
+    faults.file_saved()
+    if s.env.is_main:
+        save_shared_state(tmp, model=s.model, peft_cfg=s.recipe.peft, base_model=str(s.base_dir.resolve()),
+                          optimizer=s.optimizer, trainer_state=trainer_state(s, run_state, stream),
+                          on_file=faults.file_saved)
+        store.commit(tmp, step, {"world_size": s.env.world_size})
+        store.prune(out, s.recipe.checkpoint.keep)
