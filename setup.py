@@ -7,8 +7,8 @@ setup(
     version="0.1.0",
     description="Fine-tune LLMs with LoRA on a 4-bit NF4 base: one GPU, a node, or a SLURM cluster.",
     python_requires=">=3.10",
-    packages=find_packages(include=["qtrain", "qtrain.*"]) + ["qtrain_kernels"],
-    package_dir={"qtrain_kernels": "kernels/qtrain_kernels"},
+    packages=find_packages(include=["qtrain", "qtrain.*"]) + ["qtrain_kernels", "qtrain_kernels.triton"],
+    package_dir={"qtrain_kernels": "kernels/qtrain_kernels", "qtrain_kernels.triton": "kernels/qtrain_kernels/triton"},
     install_requires=[
         # CPU-only machines: `pip install torch==2.13.0` first (a bare `torch` pulls CUDA wheels).
         "torch>=2.4",
@@ -20,6 +20,7 @@ setup(
         "tokenizers>=0.20",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        "rouge-score>=0.1.2",  # `qtrain eval`: ROUGE-1/2/L/Lsum
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "peft>=0.15", "triton>=3.0"],

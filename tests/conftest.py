@@ -37,3 +37,17 @@ def tiny_base_dir(tmp_path_factory, tokenizer) -> Path:
     from qtrain.models.build import write_random_base
 
     return write_random_base(TINY_LLAMA, tokenizer, 0, torch.float32, tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_aligned_base_dir(tmp_path_factory, tokenizer) -> Path:
+    """Like tiny_base_dir, with every in_features a multiple of 64 (whole NF4 blocks per row).
+
+    bitsandbytes 0.50.2's native CPU dequantization is wrong when a row holds a partial block
+    (e.g. in_features 80 or 160: ~2.3x the quantization error); oracle comparisons against
+    bitsandbytes use this model so they compare against a correct reference.
+    """
+    from qtrain.models.build import write_random_base
+
+    cfg = {**TINY_LLAMA, "intermediate_size": 128}
+    return write_random_base(cfg, tokenizer, 0, torch.float32, tmp_path_factory.mktemp("tiny_aligned") / "base")

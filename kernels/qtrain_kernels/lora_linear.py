@@ -4,11 +4,22 @@
     dx = dy·W + s·((dy·B)·A) ⊙ mask/(1-p)
     dA = s·(dy·B)ᵀ·drop(x)        dB = s·dyᵀ·(drop(x)·Aᵀ)
 
+Two paths, chosen per call:
+- torch (any backend, any device): W comes from `weight_fn` (dense, dequantized on demand) and
+  the products are torch GEMMs; `lora_forward_reference` / `lora_backward_dx_reference` are this
+  path written against NF4 buffers, the oracles of the fused kernels;
+- triton (backend "triton", NF4 base given as `nf4`, tensors the kernels can run on): y and dx
+  come from the fused kernels in `qtrain_kernels.triton`, which dequantize W tile by tile inside
+  the GEMM and add the low-rank term in its epilogue; W is never materialized. M ≤ 16 rows
+  (generation) take the split-K GEMV. dA and dB stay torch mms on the small saved tensors.
+Dropout draws its mask with torch's RNG on both paths (the same mask for the same seed) and
+saves it for backward.
+
 W is never kept between forward and backward: backward dequantizes it again. The exception is
-`save_weight=True`, meant for gradient checkpointing: there the first forward's saved tensors
-are dropped by the checkpoint and the recomputed forward runs right before this layer's
-backward, so keeping its W for that backward costs one layer's weights for a moment and saves
-one of the three dequantizations per step.
+`save_weight=True` on the torch path, meant for gradient checkpointing: there the first forward's
+saved tensors are dropped by the checkpoint and the recomputed forward runs right before this
+layer's backward, so keeping its W for that backward costs one layer's weights for a moment and
+saves one of the three dequantizations per step. The fused path needs no W at all.
 """
 
 from __future__ import annotations
@@ -17,21 +28,80 @@ from typing import Callable, Optional
 
 import torch
 
+from qtrain_kernels import dispatch
+from qtrain_kernels.dispatch import NF4Buffers
+
 WeightFn = Callable[[torch.dtype], torch.Tensor]
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dense_forward(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], xa: Optional[torch.Tensor],
+                  b: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The torch path's forward for 2-D x: x·wᵀ (+ bias) (+ scale·xa·bᵀ)."""
+    y = x2 @ w.t() if bias is None else torch.addmm(bias.to(x2.dtype), x2, w.t())
+    if xa is not None:
+        # Out of place: selective activation checkpointing caches `y`'s producer and
+        # refuses a later in-place mutation of a cached tensor.
+        y = torch.addmm(y, xa, b.t(), alpha=scale)
+    return y
+
+
+def dense_backward_dx(g: torch.Tensor, w: torch.Tensor, gb: Optional[torch.Tensor], a: Optional[torch.Tensor],
+                      scale: float, mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+    """The torch path's input gradient: g·w (+ scale·(gb·a) ⊙ mask/(1-p))."""
+    dx = g @ w
+    if gb is not None:
+        if mask is None:
+            dx.addmm_(gb, a, alpha=scale)
+        else:
+            dx.add_((gb @ a) * mask, alpha=scale / (1.0 - dropout_p))
+    return dx
+
+
+def lora_forward_reference(x: torch.Tensor, nf4: NF4Buffers, bias: Optional[torch.Tensor],
+                           xa: Optional[torch.Tensor], b: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Oracle of `triton.lora_matmul.lora_forward` and `triton.gemv_nf4.nf4_gemv` (same signature)."""
+    return dense_forward(x, dispatch.dequantize_buffers_reference(nf4, x.dtype), bias, xa, b, scale)
+
+
+def lora_backward_dx_reference(g: torch.Tensor, nf4: NF4Buffers, gb: Optional[torch.Tensor],
+                               a: Optional[torch.Tensor], scale: float, mask: Optional[torch.Tensor],
+                               dropout_p: float) -> torch.Tensor:
+    """Oracle of `triton.lora_matmul.lora_backward_dx` (same signature)."""
+    return dense_backward_dx(g, dispatch.dequantize_buffers_reference(nf4, g.dtype), gb, a, scale, mask, dropout_p)
+
+
+def _fused(backend: str, x2: torch.Tensor, nf4: Optional[NF4Buffers]) -> bool:
+    """Whether this call takes the fused Triton path (else the torch path, always correct)."""
+    if nf4 is None or x2.dtype not in FUSED_DTYPES or x2.device != nf4.packed.device:
+        return False
+    if not dispatch.use_triton(backend, x2):
+        return False
+    from qtrain_kernels.triton.lora_matmul import supports
+
+    return supports(nf4)
+
+
+def _fused_forward(x2: torch.Tensor, nf4: NF4Buffers, bias, xa, b, scale: float) -> torch.Tensor:
+    from qtrain_kernels.triton import gemv_nf4, lora_matmul
+
+    bias = None if bias is None else bias.to(x2.dtype)
+    if x2.shape[0] <= gemv_nf4.MAX_M:
+        return gemv_nf4.nf4_gemv(x2, nf4, bias, xa, b, scale)
+    return lora_matmul.lora_forward(x2, nf4, bias, xa, b, scale)
 
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_fn: WeightFn, bias: Optional[torch.Tensor],
                 lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], scale: float,
-                dropout_p: float, save_weight: bool) -> torch.Tensor:
+                dropout_p: float, save_weight: bool, nf4: Optional[NF4Buffers] = None,
+                backend: str = "torch") -> torch.Tensor:
         dtype = x.dtype
-        w = weight_fn(dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        fused = _fused(backend, x2, nf4)
         has_lora = lora_a is not None
-        mask = None
-        xa = xd = a = b = None
+        mask = xa = xd = a = b = None
         if has_lora:
             # A and B arrive in their storage dtype (fp32); cast here rather than in the caller:
             # two fewer autograd nodes per layer, and the grads go back in the storage dtype.
@@ -42,10 +112,14 @@ class LoRALinearFunction(torch.autograd.Function):
                 mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
                 xd = x2 * mask / (1.0 - dropout_p)
             xa = xd @ a.t()
-            # Out of place: selective activation checkpointing caches `y`'s producer and
-            # refuses a later in-place mutation of a cached tensor.
-            y = torch.addmm(y, xa, b.t(), alpha=scale)
+        w = None
+        if fused:
+            y = _fused_forward(x2, nf4, bias, xa, b, scale)
+        else:
+            w = weight_fn(dtype)
+            y = dense_forward(x2, w, bias, xa, b, scale)
         ctx.weight_fn = weight_fn
+        ctx.nf4 = nf4 if fused else None
         ctx.scale = scale
         ctx.dropout_p = dropout_p
         ctx.has_lora = has_lora
@@ -57,36 +131,37 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         xd, xa, mask, lora_a, lora_b, w = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        if w is None:
-            w = ctx.weight_fn(g.dtype)
         need_x = ctx.needs_input_grad[0]
-        dx = g @ w if need_x else None
-        da = db = None
-        if ctx.has_lora:
-            gb = g @ lora_b  # (M, r)
-            if need_x:
-                if mask is None:
-                    dx.addmm_(gb, lora_a, alpha=ctx.scale)
-                else:
-                    dx.add_((gb @ lora_a) * mask, alpha=ctx.scale / (1.0 - ctx.dropout_p))
-            if ctx.needs_input_grad[3]:
-                da = (gb.t() @ xd).mul_(ctx.scale).to(ctx.ab_dtype)
-            if ctx.needs_input_grad[4]:
-                db = (g.t() @ xa).mul_(ctx.scale).to(ctx.ab_dtype)
-        if dx is not None:
+        gb = g @ lora_b if ctx.has_lora else None  # (M, r)
+        dx = da = db = None
+        if need_x:
+            if ctx.nf4 is not None:
+                from qtrain_kernels.triton.lora_matmul import lora_backward_dx
+
+                dx = lora_backward_dx(g, ctx.nf4, gb, lora_a, ctx.scale, mask, ctx.dropout_p)
+            else:
+                w = ctx.weight_fn(g.dtype) if w is None else w
+                dx = dense_backward_dx(g, w, gb, lora_a, ctx.scale, mask, ctx.dropout_p)
             dx = dx.view(ctx.x_shape)
-        return dx, None, None, da, db, None, None, None
+        if ctx.has_lora and ctx.needs_input_grad[3]:
+            da = (gb.t() @ xd).mul_(ctx.scale).to(ctx.ab_dtype)
+        if ctx.has_lora and ctx.needs_input_grad[4]:
+            db = (g.t() @ xa).mul_(ctx.scale).to(ctx.ab_dtype)
+        return dx, None, None, da, db, None, None, None, None, None
 
 
 def lora_linear(x: torch.Tensor, weight_fn: WeightFn, bias: Optional[torch.Tensor] = None,
                 lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
-                scale: float = 1.0, dropout_p: float = 0.0, save_weight: bool = False) -> torch.Tensor:
+                scale: float = 1.0, dropout_p: float = 0.0, save_weight: bool = False, *,
+                nf4: Optional[NF4Buffers] = None, backend: str = "torch") -> torch.Tensor:
     """Apply the frozen base (given as a function dtype → dense W) plus the LoRA branch.
 
     `x` and `bias` must be in the compute dtype; A and B may be in any float dtype (fp32 master
     weights): they are cast to x's dtype inside, and their gradients come back in their own dtype.
+    With `backend="triton"` and the base's NF4 buffers as `nf4`, the fused kernels run where they
+    can (CUDA tensors, or CPU under TRITON_INTERPRET=1); `weight_fn` stays the fallback.
     """
-    return LoRALinearFunction.apply(x, weight_fn, bias, lora_a, lora_b, scale, dropout_p, save_weight)
+    return LoRALinearFunction.apply(x, weight_fn, bias, lora_a, lora_b, scale, dropout_p, save_weight, nf4, backend)
 
 
 def lora_linear_dense_reference(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],

@@ -48,11 +48,18 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST, MARKER))
 
 
-def begin(output_dir: str | Path, step: int) -> Path:
-    """A fresh temporary dir for step `step`'s files."""
+def pending_dir(output_dir: str | Path, step: int) -> Path:
+    """The temporary dir several ranks share for step `step` (see `begin(shared=True)`)."""
+    return checkpoints_root(output_dir) / f".step-{step}.shared.tmp"
+
+
+def begin(output_dir: str | Path, step: int, shared: bool = False) -> Path:
+    """A fresh temporary dir for step `step`'s files: unique, or the one all ranks write into."""
     root = checkpoints_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".step-{step}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = pending_dir(output_dir, step) if shared else root / f".step-{step}.{uuid.uuid4().hex[:8]}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
 

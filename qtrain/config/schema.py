@@ -92,8 +92,11 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
+    # auto: DDP when launched with several processes (torchrun), else plain.
     engine: Literal["auto", "plain", "ddp", "deepspeed"] = "auto"
     deepspeed_config: Optional[str] = None
+    # A collective that waits longer than this fails the job (a crashed rank never hangs the rest).
+    timeout_s: float = 300.0
 
 
 @dataclass

@@ -66,7 +66,7 @@ def check_values(r: Recipe) -> list[str]:
     if not re.fullmatch(r"auto|never|step-\d+", r.checkpoint.resume):
         p.append(f"checkpoint.resume: must be auto, never or a checkpoint name like step-200; got {r.checkpoint.resume!r}")
     _positive(p, "train.max_nonfinite_in_row", t.max_nonfinite_in_row)
-    if r.distributed.engine in ("ddp", "deepspeed"):
-        p.append(f"distributed.engine: {r.distributed.engine!r} is not supported yet; use 'auto' or 'plain' "
-                 "(single process)")
+    if r.distributed.engine == "deepspeed":
+        p.append("distributed.engine: 'deepspeed' is not supported yet; use 'auto' or 'ddp' under torchrun")
+    _positive(p, "distributed.timeout_s", r.distributed.timeout_s)
     return p

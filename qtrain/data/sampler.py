@@ -16,11 +16,13 @@ def epoch_batches(n_items: int, micro_batch_size: int, seed: int, epoch: int,
     """This rank's micro-batches of indices for one epoch.
 
     The epoch's permutation of range(n_items) depends only on (seed, epoch), so every rank
-    computes the same one and takes a disjoint shard of it. The last `n_items % world_size`
-    indices of the permutation are left out so that every rank gets the same number of items
-    and therefore the same number of micro-batches (a rank with one batch fewer would leave
-    the others waiting in a collective forever). Each shard is cut into micro-batches of
-    `micro_batch_size`; the last one may be smaller.
+    computes the same one. It is cut into *global* micro-batches of micro_batch_size x
+    world_size items and each rank takes its own slice of every global micro-batch. So the
+    ranks' k-th micro-batches together are exactly the k-th micro-batch a single process with
+    micro_batch_size x world_size would see: data-parallel training matches single-process
+    training on the same data. The last `n_items % world_size` items of the permutation are
+    left out so that every rank gets the same number of items and micro-batches (a rank with
+    one batch fewer would leave the others waiting in a collective forever).
 
     Raises:
         DataError: fewer items than ranks.
@@ -32,9 +34,14 @@ def epoch_batches(n_items: int, micro_batch_size: int, seed: int, epoch: int,
                         "processes")
     generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
     order = torch.randperm(n_items, generator=generator).tolist()
-    per_rank = n_items // world_size
-    shard = order[rank * per_rank:(rank + 1) * per_rank]
-    return [shard[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+    usable = n_items - n_items % world_size
+    step = micro_batch_size * world_size
+    batches = []
+    for start in range(0, usable, step):
+        chunk = order[start:min(start + step, usable)]
+        per_rank = len(chunk) // world_size
+        batches.append(chunk[rank * per_rank:(rank + 1) * per_rank])
+    return batches
 
 
 def _check_args(micro_batch_size: int, rank: int, world_size: int) -> None:

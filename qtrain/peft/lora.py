@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from qtrain.quant.linear import dense_weight_fn
+from qtrain.quant.linear import dense_weight_fn, kernel_kwargs
 from qtrain.peft.recompute import keep_matmul_outputs
 from qtrain_kernels.lora_linear import lora_linear
 
@@ -54,15 +54,13 @@ class LoRALinear(nn.Module):
         dtype = compute_dtype(x)
         x = x.to(dtype)
         bias = getattr(self.base_layer, "bias", None)
+        kw = kernel_kwargs(self.base_layer)
         if not self.adapter_enabled:
-            return lora_linear(x, self._weight_fn, bias)
+            return lora_linear(x, self._weight_fn, bias, **kw)
         p = self.dropout if self.training else 0.0
-        if not self.keep_output:
+        with keep_matmul_outputs(self.keep_output):
             return lora_linear(x, self._weight_fn, bias, self.lora_A.weight, self.lora_B.weight, self.scale, p,
-                               self.save_weight_for_backward)
-        with keep_matmul_outputs(True):
-            return lora_linear(x, self._weight_fn, bias, self.lora_A.weight, self.lora_B.weight, self.scale, p,
-                               self.save_weight_for_backward)
+                               self.save_weight_for_backward, **kw)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}"

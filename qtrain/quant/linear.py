@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from qtrain.quant.nf4 import NF4Spec, NF4Weight
+from qtrain_kernels.dispatch import NF4Buffers
 from qtrain_kernels.lora_linear import lora_linear
 
 
@@ -33,11 +34,25 @@ class NF4Linear(nn.Module):
         w = self.nf4.dequantize(self.backend)
         return w if w.dtype == dtype else w.to(dtype)
 
+    def nf4_buffers(self) -> Optional[NF4Buffers]:
+        """The packed buffers, for the fused kernels (only the triton backend reads them)."""
+        if self.backend != "triton":
+            return None
+        w = self.nf4
+        return NF4Buffers(w.packed, w.absmax, w.shape, w.spec.blocksize, w.absmax2, w.offset)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_linear(x, self.dense_weight, self.bias)
+        return lora_linear(x, self.dense_weight, self.bias, **kernel_kwargs(self))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def kernel_kwargs(base: nn.Module) -> dict:
+    """What `lora_linear` needs to pick a fused kernel for this base layer (nothing for dense bases)."""
+    if isinstance(base, NF4Linear):
+        return {"nf4": base.nf4_buffers(), "backend": base.backend}
+    return {}
 
 
 def dense_weight_fn(base: nn.Module):

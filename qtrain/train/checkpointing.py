@@ -5,6 +5,7 @@ from __future__ import annotations
 from qtrain.checkpoint import store
 from qtrain.checkpoint.train_state import save_rank_state, save_shared_state
 from qtrain.data import BatchStream
+from qtrain.distributed import ddp
 from qtrain.train.faults import FaultPlan
 from qtrain.train.setup import Session
 
@@ -17,12 +18,17 @@ def trainer_state(s: Session, run_state: dict, stream: BatchStream) -> dict:
 def save_checkpoint(s: Session, run_state: dict, stream: BatchStream, faults: FaultPlan) -> None:
     step = run_state["step"]
     out = s.recipe.output_dir
-    tmp = store.begin(out, step)
+    # All ranks write into one temporary dir: rank 0 creates it, each adds its RNG state, and
+    # rank 0 commits once everyone is done.
+    tmp = store.begin(out, step, shared=s.env.world_size > 1) if s.env.is_main else store.pending_dir(out, step)
+    ddp.barrier()
     save_rank_state(tmp, s.env.rank)
     faults.file_saved()
+    ddp.barrier()
     if s.env.is_main:
         save_shared_state(tmp, model=s.model, peft_cfg=s.recipe.peft, base_model=str(s.base_dir.resolve()),
                           optimizer=s.optimizer, trainer_state=trainer_state(s, run_state, stream),
                           on_file=faults.file_saved)
         store.commit(tmp, step, {"world_size": s.env.world_size})
         store.prune(out, s.recipe.checkpoint.keep)
+    ddp.barrier()

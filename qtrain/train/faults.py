@@ -2,6 +2,7 @@
 
 QTRAIN_FAULT is a comma-separated list of:
   kill@step:N[:rank:R]        SIGKILL this process right after optimizer step N (before any save)
+  raise@step:N[:rank:R]       raise an exception (a crashing rank) right after optimizer step N
   crash@save:after-file:K     die abruptly (exit 137) during a checkpoint save, after its K-th file
   nan@step:N[:rank:R]         make step N's loss NaN (exercises the non-finite guard)
   signal@step:N:NAME[:rank:R] send signal NAME (TERM, USR1) to this process after step N
@@ -52,6 +53,8 @@ class FaultPlan:
         return self._at("nan", step) is not None
 
     def after_step(self, step: int) -> None:
+        if self._at("raise", step):
+            raise RuntimeError(f"QTRAIN_FAULT: injected crash on rank {self.rank} after step {step}")
         if self._at("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
         fault = self._at("signal", step)

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qtrain.data import BatchStream, collate
+from qtrain.distributed import ddp
 from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
 from qtrain.train.checkpointing import save_checkpoint
 from qtrain.train.faults import FaultPlan
@@ -61,9 +62,9 @@ def _batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def loss_sum_of(s: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def loss_sum_of(s: Session, batch: dict[str, torch.Tensor], model=None) -> torch.Tensor:
     with _autocast(s):
-        logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = (model or s.model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return causal_lm_loss_sum(logits, batch["labels"])
 
 
@@ -76,14 +77,22 @@ def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False)
     t0 = time.perf_counter()
     pad = s.tokenizer.pad_token_id
     batches = [_batch_to(collate([s.data.train[i] for i in idx], pad), s.device) for idx in micro_batches]
-    n_trained = max(1, sum(count_trained_tokens(b["labels"]) for b in batches))
+    local_trained = sum(count_trained_tokens(b["labels"]) for b in batches)
+    (global_trained,) = ddp.all_reduce_sum([float(local_trained)], s.device)
+    n_trained = max(1.0, global_trained)
+    # DDP averages gradients over ranks; scaling by world size makes the result the gradient of
+    # (sum of every rank's token losses) / (all ranks' trained tokens), exactly what one process
+    # with the combined batch computes.
+    scale = s.env.world_size / n_trained
     total = 0.0
-    for batch in batches:
-        loss_sum = loss_sum_of(s, batch)
-        if poison:
-            loss_sum = loss_sum * math.nan
-        (loss_sum / n_trained).backward()
+    for i, batch in enumerate(batches):
+        with ddp.no_sync(s.forward_model, skip=i < len(batches) - 1):
+            loss_sum = loss_sum_of(s, batch, s.forward_model)
+            if poison:
+                loss_sum = loss_sum * math.nan
+            (loss_sum * scale).backward()
         total += float(loss_sum.detach())
+    (total,) = ddp.all_reduce_sum([total], s.device)
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
     clip = s.recipe.train.grad_clip if s.recipe.train.grad_clip is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -156,6 +165,7 @@ def run_loop(s: Session, state: RunState, stream: BatchStream, log: MetricsLog, 
                 state.last_loss = result.loss
                 state.nonfinite_in_row = 0
             faults.after_step(state.step)
+            preempted = ddp.any_rank(bool(flag), s.device)  # every rank stops at the same step
             if result.skipped:
                 if s.env.is_main:
                     log.write(record)
@@ -172,10 +182,10 @@ def run_loop(s: Session, state: RunState, stream: BatchStream, log: MetricsLog, 
             if s.env.is_main and (state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps):
                 log.write(record)
             ck = cfg.checkpoint.every_steps
-            if flag or state.step == cfg.train.max_steps or (ck and state.step % ck == 0):
+            if preempted or state.step == cfg.train.max_steps or (ck and state.step % ck == 0):
                 save_checkpoint(s, state.to_json(), stream, faults)
-            if flag:
-                raise TrainingStopped(f"preempted by signal {flag.signal}; saved step {state.step}; "
+            if preempted:
+                raise TrainingStopped(f"preempted by signal {flag.signal or 'on another rank'}; saved step {state.step}; "
                                       "run the same command to resume", EXIT_PREEMPTED)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)

@@ -14,6 +14,7 @@ from qtrain.checkpoint.resume import find_resume_point
 from qtrain.checkpoint.train_state import required_files, restore
 from qtrain.config.schema import Recipe
 from qtrain.data import BatchStream
+from qtrain.distributed.ddp import process_group
 from qtrain.distributed.env import read_env
 from qtrain.errors import EXIT_PREEMPTED, QtrainError, TrainingStopped
 from qtrain.train.faults import FaultPlan
@@ -98,7 +99,7 @@ def train(recipe: Recipe) -> dict:
     out = Path(recipe.output_dir)
     env = read_env()
     faults = FaultPlan(env.rank)
-    with catch_preemption() as flag:
+    with catch_preemption() as flag, process_group(env, recipe.distributed.timeout_s):
         with fresh_output_dir(out):
             s = prepare(recipe, env)
             ckpt = find_resume_point(out, recipe.checkpoint.resume, required_files(env.world_size))

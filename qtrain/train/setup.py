@@ -14,6 +14,7 @@ from torch import nn
 
 from qtrain.config.schema import Recipe
 from qtrain.data import DataBundle, build_datasets
+from qtrain.distributed import ddp
 from qtrain.distributed.env import DistEnv
 from qtrain.errors import ConfigError
 from qtrain.models.build import write_random_base
@@ -41,6 +42,8 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     autocast_dtype: torch.dtype | None
+    # What forward runs through: the DDP wrapper under data parallelism, else `model` itself.
+    forward_model: nn.Module
 
 
 def kernel_backend(recipe: Recipe) -> str:
@@ -58,12 +61,15 @@ def autocast_dtype(recipe: Recipe) -> torch.dtype | None:
     return None
 
 
-def resolve_base_dir(recipe: Recipe, tokenizer) -> Path:
+def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Path:
     m = recipe.model
     if m.path is not None:
         return Path(m.path)
     base_dir = Path(m.base_dir) if m.base_dir else Path(recipe.output_dir) / "base"
-    return write_random_base(m.from_config, tokenizer, recipe.seed, DTYPES[m.dtype], base_dir)
+    if env.is_main:  # one writer; the other ranks read it once it is complete
+        write_random_base(m.from_config, tokenizer, recipe.seed, DTYPES[m.dtype], base_dir)
+    ddp.barrier()
+    return base_dir
 
 
 def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[nn.Module, list[str]]:
@@ -84,10 +90,10 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[n
 
 def prepare(recipe: Recipe, env: DistEnv) -> Session:
     kernel_backend(recipe)  # refuse an impossible kernels= before any work
-    if env.world_size > 1:
-        # Without a DDP/DeepSpeed engine each rank would train its own unsynchronized adapter.
-        raise ConfigError(f"launched with WORLD_SIZE={env.world_size}, but this build trains in one process "
-                          "only (no DDP/DeepSpeed engine yet); run `qtrain train RECIPE` without torchrun/deepspeed")
+    if env.world_size > 1 and recipe.distributed.engine == "plain":
+        # Each rank would train its own unsynchronized adapter.
+        raise ConfigError(f"distributed.engine: 'plain' is single-process, but {env.world_size} processes were "
+                          "launched; use 'auto' or 'ddp'")
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     if recipe.train.deterministic:
@@ -95,12 +101,13 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     device = env.device()
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     data = build_datasets(recipe.data, tokenizer, recipe.seed)
-    base_dir = resolve_base_dir(recipe, tokenizer)
+    base_dir = resolve_base_dir(recipe, tokenizer, env)
     torch.manual_seed(recipe.seed)  # LoRA A init
     model, names = build_model(recipe, base_dir, device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train, device)
     scheduler = build_scheduler(optimizer, recipe.train)
+    forward_model = ddp.wrap(model, device) if ddp.active() else model
     return Session(recipe, env, device, tokenizer, data, base_dir, model, names, optimizer, scheduler,
-                   autocast_dtype(recipe))
+                   autocast_dtype(recipe), forward_model)

@@ -103,11 +103,12 @@ def test_peft_loads_our_adapter_and_gives_the_same_logits(tiny_base_dir, tmp_pat
     assert not torch.allclose(theirs, _logits(_load(tiny_base_dir, quant=False)), atol=1e-3)
 
 
-def test_peft_with_bitsandbytes_4bit_gives_our_nf4_logits(tiny_base_dir, tmp_path):
+def test_peft_with_bitsandbytes_4bit_gives_our_nf4_logits(tiny_aligned_base_dir, tmp_path):
     """Same NF4 bytes, same adapter: peft + bitsandbytes on the 4-bit base agrees with us."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    tiny_base_dir = tiny_aligned_base_dir
     ours = _load(tiny_base_dir, quant=True)
     cfg = PeftConfig(r=8, alpha=16)
     inject_lora(ours, cfg)
@@ -118,9 +119,8 @@ def test_peft_with_bitsandbytes_4bit_gives_our_nf4_logits(tiny_base_dir, tmp_pat
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.float32,
                                               quantization_config=bnb_cfg, device_map={"": "cpu"})
     hf = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
-    # bitsandbytes' CPU *inference* path repacks weights and fails on this tiny shape (160 is
-    # not a multiple of its block); train mode uses its plain 4-bit matmul. Every dropout here
-    # is 0, so train mode computes the same function.
+    # bitsandbytes' CPU *inference* path repacks weights and fails on tiny shapes; train mode
+    # uses its plain 4-bit matmul. Every dropout here is 0, so train mode computes the same function.
     hf.train()
     with torch.no_grad():
         theirs = hf(input_ids=IDS).logits

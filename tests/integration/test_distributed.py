@@ -1,0 +1,133 @@
+"""Data parallelism on CPU (gloo, 2 processes under torchrun): equivalence, shards, crashes, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+# fp32 end to end, so ranks-vs-single differences are summation order only (no bf16 rounding).
+TINY = ["model.from_config.hidden_size=64", "model.from_config.intermediate_size=160",
+        "model.from_config.num_hidden_layers=1", "model.from_config.num_attention_heads=4",
+        "model.from_config.num_key_value_heads=2", "model.dtype=float32", "train.max_steps=6",
+        "train.grad_accum=2", "train.num_threads=1", "logging.every_steps=1", "logging.progress=false",
+        "checkpoint.every_steps=3", "distributed.timeout_s=60"]
+
+
+def _env(fault: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "QTRAIN_FAULT"}
+    if fault:
+        env["QTRAIN_FAULT"] = fault
+    return env
+
+
+def run_ddp(out: Path, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *TINY,
+           "train.micro_batch_size=2", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=_env(fault), capture_output=True, text=True, timeout=timeout)
+
+
+def run_single(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *TINY,
+           "train.micro_batch_size=4", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def losses(out: Path) -> list[tuple[float, float]]:
+    return [(r["loss"], r["grad_norm"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    single, ddp = root / "single", root / "ddp"
+    p1 = run_single(single)
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    p2 = run_ddp(ddp)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    return single, ddp
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(pair):
+    single, ddp = pair
+    a, b = losses(single), losses(ddp)
+    assert len(a) == len(b) == 6
+    # metrics are rounded to 6 decimals; fp32 all-reduce order changes the last bits only
+    for (la, ga), (lb, gb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=2e-6) and ga == pytest.approx(gb, rel=2e-6)
+    wa = load_file(str(single / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(ddp / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_global_batch_is_reported_and_every_rank_state_is_checkpointed(pair):
+    _, ddp = pair
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 2 * 2 * 2
+    files = json.loads((ddp / "checkpoints" / "step-6" / "manifest.json").read_text())["files"]
+    assert {"rng-rank-0.safetensors", "rng-rank-1.safetensors"} <= set(files)
+
+
+def test_ddp_adapter_is_complete_and_loads_in_peft(pair):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    _, ddp = pair
+    cfg = json.loads((ddp / "adapter" / "adapter_config.json").read_text())
+    weights = load_file(str(ddp / "adapter" / "adapter_model.safetensors"))
+    assert len(weights) == 2 * 7  # A and B for each of the 7 projections of the one layer
+    assert all(t.numel() > 0 and bool(t.isfinite().all()) for t in weights.values())
+    model = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, str(ddp / "adapter"))
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(weights)
+
+
+def test_a_crashing_rank_takes_the_job_down_quickly(tmp_path):
+    start = time.monotonic()
+    proc = run_ddp(tmp_path / "out", fault="raise@step:2:rank:1", timeout=240)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "injected crash on rank 1" in proc.stderr
+    assert elapsed < 120, elapsed  # torchrun tears the group down; nothing waits for the 60 s timeout
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "out")], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", "a rank survived the crash"
+
+
+def test_sigkill_of_one_rank_then_resume_is_bit_exact(tmp_path):
+    control = tmp_path / "control"
+    assert run_ddp(control).returncode == 0
+    out = tmp_path / "out"
+    killed = run_ddp(out, fault="kill@step:5:rank:1")
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-3"]
+    resumed = run_ddp(out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(step 3)" in resumed.stdout
+    assert losses(out) == losses(control)
+
+
+def test_preempting_one_rank_stops_every_rank_at_the_same_saved_step(tmp_path):
+    out = tmp_path / "out"
+    proc = run_ddp(out, fault="signal@step:4:TERM:rank:1")
+    assert proc.returncode != 0  # torchrun reports the workers' exit 75 as a failure
+    assert "preempted" in proc.stderr
+    ckpt = out / "checkpoints" / "step-4"
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert {"rng-rank-0.safetensors", "rng-rank-1.safetensors"} <= set(files)
+    resumed = run_ddp(out)
+    assert resumed.returncode == 0 and "(step 4)" in resumed.stdout
