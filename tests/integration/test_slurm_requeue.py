@@ -46,3 +46,31 @@ def test_finished_run_is_not_requeued(tmp_path):
     proc, marker = _run(tmp_path, None)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not marker.exists()
+
+
+def test_multi_node_dry_run_prints_the_exact_launch_for_2_nodes_x_4_gpus(tmp_path):
+    script = REPO / "launch" / "slurm" / "multi_node.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu01\\ngpu02\\n"\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "QTRAIN_DRY_RUN": "1",
+           "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_PER_NODE": "4",
+           "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NODEID": "0"}
+    proc = subprocess.run(["bash", str(script), "configs/llama3_8b_qlora_multi_gpu.yaml", "train.max_steps=10"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        "srun", "--kill-on-bad-exit=1", "torchrun", "--nnodes", "2", "--nproc_per_node", "4",
+        "--rdzv_id", "77", "--rdzv_backend", "c10d", "--rdzv_endpoint", "gpu01:29500",
+        "-m", "qtrain", "train", "configs/llama3_8b_qlora_multi_gpu.yaml", "train.max_steps=10"]
+
+
+def test_torchrun_wrapper_dry_run():
+    env = {**os.environ, "QTRAIN_DRY_RUN": "1"}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), "2", "configs/quickstart.yaml"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    assert proc.stdout.split() == ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "qtrain", "train",
+                                   "configs/quickstart.yaml"]
