@@ -1,4 +1,9 @@
-"""`qtrain train RECIPE [key.sub=value ...]`.
+"""`qtrain train|generate|merge|eval ...`.
+
+    qtrain train RECIPE [key.sub=value ...]
+    qtrain generate --adapter DIR [--adapter NAME=DIR ...] (--prompt TEXT | --input FILE.jsonl) [...]
+    qtrain merge --adapter DIR --out DIR [--dtype bf16|fp16|fp32] [...]
+    qtrain eval RECIPE [--adapter DIR | --no-adapter] [key.sub=value ...]
 
 User errors (`QtrainError`) print one message and exit with code 2, without a traceback.
 """
@@ -8,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from qtrain.errors import EXIT_USER_ERROR, QtrainError, TrainingStopped
 
@@ -19,7 +25,113 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="path of the YAML recipe, e.g. configs/quickstart.yaml")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="override recipe keys, e.g. train.max_steps=20 data.path=my.jsonl model.tokenizer=null")
+    _add_generate(sub)
+    _add_merge(sub)
+    _add_eval(sub)
     return p
+
+
+def _add_base_options(p: argparse.ArgumentParser, dtype_flag: str, dtype_help: str) -> None:
+    g = p.add_argument_group("base model")
+    g.add_argument("--base", metavar="DIR", help="base model dir (default: the adapter's base_model_name_or_path)")
+    g.add_argument("--no-quant", action="store_true", help="load the base unquantized instead of NF4")
+    g.add_argument(dtype_flag, dest="base_dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help=dtype_help)
+    g.add_argument("--blocksize", type=int, default=64, help="NF4 block size the adapter was trained with")
+    g.add_argument("--no-double-quant", action="store_true", help="NF4 without double quantization")
+    g.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
+
+
+def _add_generate(sub) -> None:
+    g = sub.add_parser("generate", help="generate text with one or more adapters (inference only)")
+    g.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
+                   help="adapter dir, optionally named (repeat for several; the first is the default)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt; the completion streams to stdout")
+    src.add_argument("--input", metavar="FILE.jsonl",
+                     help='prompts, one {"prompt": ..., "adapter": NAME|null (optional)} per line')
+    g.add_argument("--output", metavar="FILE.jsonl",
+                   help="write {prompt, completion, adapter} rows here (default stdout)")
+    g.add_argument("--use", metavar="NAME", help="adapter for prompts that name none (default: the first --adapter)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=8)
+    _add_base_options(g, "--dtype", "dtype the base is loaded and run in (default bf16)")
+
+
+def _add_merge(sub) -> None:
+    m = sub.add_parser("merge", help="fold an adapter into its base; write a plain Hugging Face model dir")
+    m.add_argument("--adapter", required=True, metavar="DIR")
+    m.add_argument("--out", required=True, metavar="DIR")
+    m.add_argument("--dtype", choices=("bf16", "fp16", "fp32", "nf4"), default="bf16",
+                   help="dtype of the written weights (nf4 is refused, with the reason)")
+    m.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 2GB, 500MB")
+    _add_base_options(m, "--base-dtype", "dtype the NF4 base is loaded and quantized in: the recipe's model.dtype "
+                      "(default bf16); with --no-quant the base is read in fp32")
+
+
+def _add_eval(sub) -> None:
+    e = sub.add_parser("eval", help="eval loss, perplexity and (instruction/summarization) ROUGE of a recipe's run")
+    e.add_argument("recipe", help="path of the YAML recipe the adapter was trained with")
+    e.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys, as for train")
+    e.add_argument("--adapter", metavar="DIR", help="adapter dir (default: <output_dir>/adapter)")
+    e.add_argument("--no-adapter", action="store_true", help="evaluate the base model alone")
+    e.add_argument("--out-dir", metavar="DIR", help="where eval.json goes (default: the recipe's output_dir)")
+    e.add_argument("--batch-size", type=int, default=None, help="default: train.micro_batch_size")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--max-gen-rows", type=int, default=None, help="generate for at most this many eval rows")
+    e.add_argument("--no-generate", action="store_true", help="loss and perplexity only, no ROUGE")
+
+
+def _base_options(args: argparse.Namespace, merge: bool = False):
+    import torch
+
+    from qtrain.infer.load import DTYPES, BaseOptions
+    from qtrain.quant.nf4 import NF4Spec
+
+    quant = None if args.no_quant else NF4Spec(args.blocksize, not args.no_double_quant)
+    dtype = torch.float32 if (merge and args.no_quant) else DTYPES[args.base_dtype]
+    return BaseOptions(dtype=dtype, quant=quant, kernels=args.kernels)
+
+
+def _sampling(args: argparse.Namespace):
+    from qtrain.infer.sampling import SamplingConfig
+
+    return SamplingConfig(args.max_new_tokens, getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0),
+                          getattr(args, "seed", 0))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from qtrain.infer.generate import GenerateOptions, run_generate
+
+    return run_generate(GenerateOptions(args.adapter, args.prompt, args.input, args.output, args.use, args.batch_size,
+                                        _sampling(args), args.base, _base_options(args)))
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from qtrain.infer.merge import MergeOptions, merge_to_dir
+
+    report = merge_to_dir(MergeOptions(args.adapter, args.out, args.dtype, args.base, _base_options(args, merge=True),
+                                       args.max_shard_size))
+    print(f"merged {report['merged_layers']} layers into {args.out} ({report['dtype']}); probe max |logit diff| "
+          f"vs base+adapter: {report['probe_max_abs_logit_diff']:.3g} (mean {report['probe_mean_abs_logit_diff']:.3g})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from qtrain.config import load_recipe
+    from qtrain.eval.run import EvalOptions, evaluate_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    opts = EvalOptions(args.adapter, args.no_adapter, args.out_dir, args.batch_size, not args.no_generate,
+                       args.max_gen_rows, _sampling(args))
+    report = evaluate_recipe(recipe, opts, args.recipe)
+    rouge = report["rouge"]
+    rouge_text = "" if rouge is None else "; " + ", ".join(f"{k} {v:.4f}" for k, v in rouge.items())
+    out = Path(args.out_dir or recipe.output_dir) / "eval.json"
+    print(f"eval loss {report['eval_loss']:.4f}, perplexity {report['perplexity']:.3f}{rouge_text}\nreport: {out}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -36,11 +148,25 @@ def _quiet_optional_backends() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse; `eval` also takes key=value overrides after its options (argparse alone would refuse
+    `qtrain eval R --no-generate a=b`, since the overrides positional was already consumed)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command == "eval" and not any(e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     _quiet_optional_backends()
     try:
-        return {"train": _train}[args.command](args)
+        commands = {"train": _train, "generate": _generate, "merge": _merge, "eval": _eval}
+        return commands[args.command](args)
     except QtrainError as exc:
         print(f"qtrain: {exc.kind}: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -1,0 +1,56 @@
+"""The eval split's prompts and reference answers, for generation metrics (ROUGE).
+
+The split is the one `qtrain.data.build_datasets` holds out (same file, same `split_indices`,
+same seed, or `data.eval_path`), and each prompt is encoded by the format's own encoder, so the
+model sees exactly the prompt it was trained to continue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qtrain.config.schema import DataConfig
+from qtrain.data import IGNORE_INDEX, encode_row, read_rows, split_indices
+
+# Formats whose rows carry one reference answer, and the field that holds it.
+ANSWER_FIELD = {"instruction": "response", "summarization": "summary"}
+
+
+@dataclass
+class Reference:
+    row: int                 # 1-based row number in its file
+    prompt_ids: list[int]
+    reference: str
+
+
+@dataclass
+class References:
+    rows: list[Reference]
+    skipped_long_prompts: int   # prompts that fill data.max_len, leaving no room to answer
+
+
+def eval_rows(cfg: DataConfig, seed: int) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """(source file, [(row number, row)]) of the eval split."""
+    if cfg.eval_path:
+        return cfg.eval_path, list(enumerate(read_rows(cfg.eval_path, key="data.eval_path").to_list(), start=1))
+    rows = read_rows(cfg.path, key="data.path").to_list()
+    _, held_out = split_indices(len(rows), cfg.eval_split, seed)
+    return cfg.path, [(i + 1, rows[i]) for i in held_out]
+
+
+def references(cfg: DataConfig, tokenizer, seed: int) -> References:
+    """Prompts + reference answers of the eval split; empty for formats without a single answer."""
+    answer = ANSWER_FIELD.get(cfg.format)
+    if answer is None:
+        return References([], 0)
+    source, rows = eval_rows(cfg, seed)
+    out, skipped = [], 0
+    for number, row in rows:
+        ids, labels = encode_row(row, cfg.format, tokenizer, cfg.fields, source=source, row_number=number)
+        n_prompt = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        if n_prompt >= cfg.max_len:
+            skipped += 1
+            continue
+        out.append(Reference(number, ids[:n_prompt], row[cfg.fields.get(answer, answer)]))
+    return References(out, skipped)

@@ -1,0 +1,132 @@
+"""`qtrain eval RECIPE`: eval loss/perplexity and, for instruction/summarization data, ROUGE.
+
+The base is the recipe's (loaded as the recipe trains it: same dtype, quantization, autocast);
+the adapter is `--adapter DIR`, or the run's own `<output_dir>/adapter`, or none with
+`--no-adapter`. Writes `eval.json` and `eval_generations.jsonl` to `--out-dir` (default: the
+recipe's output_dir).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from qtrain.checkpoint.atomic import atomic_write_text
+from qtrain.config.schema import Recipe
+from qtrain.data import build_datasets
+from qtrain.distributed.env import read_env
+from qtrain.errors import CheckpointError, ConfigError, DataError
+from qtrain.eval.perplexity import autocast_context, eval_loss
+from qtrain.eval.references import References, references
+from qtrain.eval.rouge import rouge_scores
+from qtrain.infer.adapters import AdapterSet
+from qtrain.infer.decode import eos_ids, generate_tokens
+from qtrain.infer.prompts import decode_completion
+from qtrain.infer.sampling import SamplingConfig
+from qtrain.models.load import load_model
+from qtrain.models.tokenizer import load_tokenizer
+from qtrain.quant.nf4 import NF4Spec
+from qtrain.train.setup import DTYPES, autocast_dtype, kernel_backend, resolve_base_dir
+
+
+@dataclass
+class EvalOptions:
+    adapter: Optional[str] = None
+    no_adapter: bool = False
+    out_dir: Optional[str] = None
+    batch_size: Optional[int] = None
+    generate: bool = True
+    max_gen_rows: Optional[int] = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def pick_adapter(recipe: Recipe, opts: EvalOptions) -> Optional[Path]:
+    if opts.no_adapter and opts.adapter:
+        raise ConfigError("give --adapter DIR or --no-adapter, not both")
+    if opts.no_adapter:
+        return None
+    path = Path(opts.adapter) if opts.adapter else Path(recipe.output_dir) / "adapter"
+    if not path.is_dir():
+        how = "check --adapter" if opts.adapter else "train first, pass --adapter DIR, or --no-adapter for the base"
+        raise CheckpointError(f"adapter dir not found: {path}; {how}")
+    return path
+
+
+def build_eval_model(recipe: Recipe, base_dir: Path, adapter: Optional[Path], device: torch.device) -> nn.Module:
+    spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
+    model = load_model(base_dir, DTYPES[recipe.model.dtype], device, spec, kernel_backend(recipe),
+                       recipe.model.trust_remote_code)
+    adapters = AdapterSet(model)
+    if adapter is not None:
+        adapters.add_adapter("default", adapter)
+        adapters.set_adapter("default")
+    model.eval()
+    return model
+
+
+def generate_references(model: nn.Module, tokenizer, refs: References, batch_size: int, cfg: SamplingConfig,
+                        device: torch.device, amp: Optional[torch.dtype]) -> list[str]:
+    eos, pad = eos_ids(model, tokenizer), tokenizer.pad_token_id
+    texts: list[str] = []
+    for start in range(0, len(refs.rows), batch_size):
+        prompts = [r.prompt_ids for r in refs.rows[start:start + batch_size]]
+        with autocast_context(device, amp):
+            out = generate_tokens(model, prompts, cfg, eos, pad)
+        texts.extend(decode_completion(tokenizer, ids) for ids in out)
+        _say(f"eval: generated {len(texts)}/{len(refs.rows)} rows")
+    return texts
+
+
+def evaluate_recipe(recipe: Recipe, opts: EvalOptions, recipe_path: str = "recipe") -> dict:
+    """Run the evaluation; returns the report also written to eval.json."""
+    t0 = time.perf_counter()
+    cfg = opts.sampling.check()
+    adapter = pick_adapter(recipe, opts)
+    batch = opts.batch_size or recipe.train.micro_batch_size
+    if batch < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {batch}")
+    device = read_env().device()
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path,
+                               trust_remote_code=recipe.model.trust_remote_code)
+    data = build_datasets(recipe.data, tokenizer, recipe.seed)
+    if not data.eval:
+        raise DataError(f"{recipe.data.path}: the eval split is empty; set data.eval_split > 0 or data.eval_path")
+    refs = references(recipe.data, tokenizer, recipe.seed) if opts.generate else References([], 0)
+    if opts.max_gen_rows is not None:
+        refs.rows = refs.rows[: opts.max_gen_rows]
+    base_dir = resolve_base_dir(recipe, tokenizer)
+    model = build_eval_model(recipe, base_dir, adapter, device)
+    amp = autocast_dtype(recipe)
+    loss = eval_loss(model, data.eval, tokenizer.pad_token_id, batch, device, amp)
+    _say(f"eval: loss {loss.loss:.4f}, perplexity {loss.perplexity:.3f} over {loss.tokens} tokens")
+    report = {
+        "recipe": recipe_path, "adapter": str(adapter) if adapter else None, "base": str(base_dir),
+        "quant": recipe.quant.method, "dtype": recipe.model.dtype,
+        "eval_loss": loss.loss, "perplexity": loss.perplexity, "eval_tokens": loss.tokens,
+        "eval_sequences": loss.sequences, "rouge": None, "generation": None,
+    }
+    out_dir = Path(opts.out_dir or recipe.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if refs.rows:
+        texts = generate_references(model, tokenizer, refs, batch, cfg, device, amp)
+        report["rouge"] = rouge_scores(texts, [r.reference for r in refs.rows])
+        report["generation"] = {"rows": len(refs.rows), "skipped_long_prompts": refs.skipped_long_prompts,
+                                "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                                "file": str(out_dir / "eval_generations.jsonl")}
+        lines = [json.dumps({"row": r.row, "prompt": decode_completion(tokenizer, r.prompt_ids),
+                             "reference": r.reference, "completion": t}) for r, t in zip(refs.rows, texts)]
+        atomic_write_text(out_dir / "eval_generations.jsonl", "\n".join(lines) + "\n")
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+    return report
