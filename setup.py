@@ -23,7 +23,7 @@ setup(
         "rouge-score>=0.1.2",  # `qtrain eval`: ROUGE-1/2/L/Lsum
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "peft>=0.15", "triton>=3.0"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "peft>=0.15", "triton>=3.0", "deepspeed>=0.16"],
         "gpu": ["triton>=3.0", "deepspeed>=0.16"],
     },
     entry_points={"console_scripts": ["qtrain=qtrain.cli:main"]},

@@ -66,7 +66,10 @@ def check_values(r: Recipe) -> list[str]:
     if not re.fullmatch(r"auto|never|step-\d+", r.checkpoint.resume):
         p.append(f"checkpoint.resume: must be auto, never or a checkpoint name like step-200; got {r.checkpoint.resume!r}")
     _positive(p, "train.max_nonfinite_in_row", t.max_nonfinite_in_row)
-    if r.distributed.engine == "deepspeed":
-        p.append("distributed.engine: 'deepspeed' is not supported yet; use 'auto' or 'ddp' under torchrun")
+    if r.distributed.engine == "deepspeed" and r.distributed.deepspeed_config is None:
+        p.append("distributed.engine: 'deepspeed' needs distributed.deepspeed_config (e.g. configs/deepspeed/zero2.json)")
+    if r.distributed.engine in ("plain", "ddp") and r.distributed.deepspeed_config is not None:
+        p.append(f"distributed.deepspeed_config: set, but distributed.engine is {r.distributed.engine!r}; "
+                 "use 'deepspeed' (or 'auto') or remove the key")
     _positive(p, "distributed.timeout_s", r.distributed.timeout_s)
     return p

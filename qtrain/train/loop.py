@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from qtrain.data import BatchStream, collate
 from qtrain.distributed import ddp
+from qtrain.distributed import deepspeed as ds
 from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
 from qtrain.train.checkpointing import save_checkpoint
 from qtrain.train.faults import FaultPlan
@@ -68,6 +69,13 @@ def loss_sum_of(s: Session, batch: dict[str, torch.Tensor], model=None) -> torch
     return causal_lm_loss_sum(logits, batch["labels"])
 
 
+def _accumulating(s: Session, last: bool):
+    """DDP's `no_sync` before the last micro-batch; DeepSpeed tracks the boundary itself."""
+    if s.engine is not None:
+        return contextlib.nullcontext()
+    return ddp.no_sync(s.forward_model, skip=not last)
+
+
 def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False) -> StepResult:
     """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their trained tokens.
 
@@ -86,22 +94,32 @@ def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False)
     scale = s.env.world_size / n_trained
     total = 0.0
     for i, batch in enumerate(batches):
-        with ddp.no_sync(s.forward_model, skip=i < len(batches) - 1):
+        with _accumulating(s, last=i == len(batches) - 1):
             loss_sum = loss_sum_of(s, batch, s.forward_model)
             if poison:
                 loss_sum = loss_sum * math.nan
-            (loss_sum * scale).backward()
+            if s.engine is not None:
+                ds.backward_and_step(s.engine, loss_sum * scale)
+            else:
+                (loss_sum * scale).backward()
         total += float(loss_sum.detach())
     (total,) = ddp.all_reduce_sum([total], s.device)
-    params = [p for g in s.optimizer.param_groups for p in g["params"]]
-    clip = s.recipe.train.grad_clip if s.recipe.train.grad_clip is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     loss = total / n_trained
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if s.engine is not None:
+        # DeepSpeed's step already ran at the boundary: it clipped, and skipped the update if any
+        # rank's gradients were non-finite (a NaN/inf loss makes them so).
+        grad_norm, applied = ds.step_outcome(s.engine)
+        finite = applied and math.isfinite(loss)
+    else:
+        params = [p for g in s.optimizer.param_groups for p in g["params"]]
+        clip = s.recipe.train.grad_clip if s.recipe.train.grad_clip is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
     if finite:
-        s.optimizer.step()
         s.scheduler.step()
-    s.optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)

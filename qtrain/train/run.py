@@ -14,9 +14,11 @@ from qtrain.checkpoint.resume import find_resume_point
 from qtrain.checkpoint.train_state import required_files, restore
 from qtrain.config.schema import Recipe
 from qtrain.data import BatchStream
+from qtrain.distributed import deepspeed as ds
 from qtrain.distributed.ddp import process_group
 from qtrain.distributed.env import read_env
 from qtrain.errors import EXIT_PREEMPTED, QtrainError, TrainingStopped
+from qtrain.train.checkpointing import checkpoint_optimizer
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import catch_preemption
 from qtrain.train.loop import RunState, evaluate, run_loop
@@ -84,7 +86,9 @@ def _closing(summary: dict, out: Path) -> str:
 
 
 def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunState:
-    ts = restore(ckpt, s.env.rank, model=s.model, optimizer=s.optimizer)
+    ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s))
+    if s.engine is not None:
+        ds.load_optimizer_shard(s.engine, ckpt, s.env.rank)
     s.scheduler.load_state_dict(ts["scheduler"])
     stream.load_state_dict(ts["data"])
     state = RunState.from_json(ts["run"])
@@ -102,7 +106,8 @@ def train(recipe: Recipe) -> dict:
     with catch_preemption() as flag, process_group(env, recipe.distributed.timeout_s):
         with fresh_output_dir(out):
             s = prepare(recipe, env)
-            ckpt = find_resume_point(out, recipe.checkpoint.resume, required_files(env.world_size))
+            required = required_files(env.world_size) + (ds.shard_files(env.world_size) if s.engine else [])
+            ckpt = find_resume_point(out, recipe.checkpoint.resume, required)
             out.mkdir(parents=True, exist_ok=True)
         _say(s, _header(s))
         t = recipe.train
@@ -124,6 +129,8 @@ def train(recipe: Recipe) -> dict:
         state.last_eval_loss = evaluate(s, flag)
     summary = build_summary(s, state)
     if env.is_main:
+        if s.engine is not None:
+            ds.check_adapter_whole(s.model)
         save_adapter(s.model, recipe.peft, str(s.base_dir.resolve()), out / "adapter")
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _say(s, _closing(summary, out))

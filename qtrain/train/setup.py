@@ -15,6 +15,7 @@ from torch import nn
 from qtrain.config.schema import Recipe
 from qtrain.data import DataBundle, build_datasets
 from qtrain.distributed import ddp
+from qtrain.distributed import deepspeed as ds
 from qtrain.distributed.env import DistEnv
 from qtrain.errors import ConfigError
 from qtrain.models.build import write_random_base
@@ -42,8 +43,10 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     autocast_dtype: torch.dtype | None
-    # What forward runs through: the DDP wrapper under data parallelism, else `model` itself.
+    # What forward runs through: the DDP or DeepSpeed wrapper under data parallelism, else `model`.
     forward_model: nn.Module
+    # The DeepSpeed engine (which then owns backward, clipping and the optimizer step), or None.
+    engine: object | None = None
 
 
 def kernel_backend(recipe: Recipe) -> str:
@@ -90,6 +93,7 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[n
 
 def prepare(recipe: Recipe, env: DistEnv) -> Session:
     kernel_backend(recipe)  # refuse an impossible kernels= before any work
+    ds_config = ds.build_config(recipe, env.world_size) if ds.enabled(recipe) else None
     if env.world_size > 1 and recipe.distributed.engine == "plain":
         # Each rank would train its own unsynchronized adapter.
         raise ConfigError(f"distributed.engine: 'plain' is single-process, but {env.world_size} processes were "
@@ -108,6 +112,10 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train, device)
     scheduler = build_scheduler(optimizer, recipe.train)
-    forward_model = ddp.wrap(model, device) if ddp.active() else model
+    engine = None
+    if ds_config is not None:
+        forward_model = engine = ds.wrap(model, optimizer, ds_config, recipe.distributed.timeout_s)
+    else:
+        forward_model = ddp.wrap(model, device) if ddp.active() else model
     return Session(recipe, env, device, tokenizer, data, base_dir, model, names, optimizer, scheduler,
-                   autocast_dtype(recipe), forward_model)
+                   autocast_dtype(recipe), forward_model, engine)

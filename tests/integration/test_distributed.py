@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,39 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from parallel_runs import REPO, TINY, assert_same_training, clean_env, losses, run_single
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
-# fp32 end to end, so ranks-vs-single differences are summation order only (no bf16 rounding).
-TINY = ["model.from_config.hidden_size=64", "model.from_config.intermediate_size=160",
-        "model.from_config.num_hidden_layers=1", "model.from_config.num_attention_heads=4",
-        "model.from_config.num_key_value_heads=2", "model.dtype=float32", "train.max_steps=6",
-        "train.grad_accum=2", "train.num_threads=1", "logging.every_steps=1", "logging.progress=false",
-        "checkpoint.every_steps=3", "distributed.timeout_s=60"]
-
-
-def _env(fault: str | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "QTRAIN_FAULT"}
-    if fault:
-        env["QTRAIN_FAULT"] = fault
-    return env
-
 
 def run_ddp(out: Path, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *TINY,
            "train.micro_batch_size=2", *extra]
-    return subprocess.run(cmd, cwd=REPO, env=_env(fault), capture_output=True, text=True, timeout=timeout)
-
-
-def run_single(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *TINY,
-           "train.micro_batch_size=4", *extra]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-
-
-def losses(out: Path) -> list[tuple[float, float]]:
-    return [(r["loss"], r["grad_norm"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +36,7 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(pair):
     single, ddp = pair
-    a, b = losses(single), losses(ddp)
-    assert len(a) == len(b) == 6
-    # metrics are rounded to 6 decimals; fp32 all-reduce order changes the last bits only
-    for (la, ga), (lb, gb) in zip(a, b):
-        assert la == pytest.approx(lb, rel=2e-6) and ga == pytest.approx(gb, rel=2e-6)
-    wa = load_file(str(single / "adapter" / "adapter_model.safetensors"))
-    wb = load_file(str(ddp / "adapter" / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+    assert_same_training(single, ddp)
 
 
 def test_global_batch_is_reported_and_every_rank_state_is_checkpointed(pair):
