@@ -67,6 +67,26 @@ def test_multi_node_dry_run_prints_the_exact_launch_for_2_nodes_x_4_gpus(tmp_pat
         "-m", "qtrain", "train", "configs/llama3_8b_qlora_multi_gpu.yaml", "train.max_steps=10"]
 
 
+def test_multi_node_deepspeed_dry_run_writes_the_hostfile(tmp_path):
+    script = REPO / "launch" / "slurm" / "multi_node.sbatch"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu01\\ngpu02\\n"\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    hostfile = tmp_path / "hosts"
+    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "QTRAIN_DRY_RUN": "1",
+           "QTRAIN_LAUNCHER": "deepspeed", "QTRAIN_HOSTFILE": str(hostfile), "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_PER_NODE": "4", "SLURM_JOB_NODELIST": "gpu[01-02]"}
+    proc = subprocess.run(["bash", str(script), "configs/llama3_8b_qlora_multi_gpu.yaml", "distributed.engine=deepspeed"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert hostfile.read_text() == "gpu01 slots=4\ngpu02 slots=4\n"
+    assert proc.stdout.split() == [
+        "deepspeed", "--hostfile", str(hostfile), "--master_addr", "gpu01", "--master_port", "29500",
+        "--no_local_rank", "--module", "qtrain", "train", "configs/llama3_8b_qlora_multi_gpu.yaml",
+        "distributed.engine=deepspeed"]
+
+
 def test_torchrun_wrapper_dry_run():
     env = {**os.environ, "QTRAIN_DRY_RUN": "1"}
     proc = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"), "2", "configs/quickstart.yaml"],
