@@ -17,7 +17,7 @@ from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
 from qtrain.train.checkpointing import save_checkpoint
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import PreemptFlag
-from qtrain.train.loss import causal_lm_loss_sum, count_trained_tokens
+from qtrain.train.loss import causal_lm_loss_sum, causal_lm_loss_sum_fused, count_trained_tokens
 from qtrain.train.metrics import MetricsLog
 from qtrain.train.setup import Session
 
@@ -64,6 +64,9 @@ def _batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def loss_sum_of(s: Session, batch: dict[str, torch.Tensor], model=None) -> torch.Tensor:
+    if s.fused_ce_backend is not None:
+        with _autocast(s):
+            return causal_lm_loss_sum_fused(s.model, batch, s.fused_ce_backend)
     with _autocast(s):
         logits = (model or s.model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return causal_lm_loss_sum(logits, batch["labels"])

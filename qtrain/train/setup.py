@@ -23,6 +23,7 @@ from qtrain.models.load import load_model
 from qtrain.models.tokenizer import load_tokenizer
 from qtrain.peft.inject import inject_lora, lora_modules
 from qtrain.quant.nf4 import NF4Spec
+from qtrain.train.loss import fused_ce_supported
 from qtrain.train.optim import build_optimizer, build_scheduler
 from qtrain.peft.recompute import checkpoint_kwargs, mark_kept_outputs
 from qtrain_kernels import dispatch
@@ -47,6 +48,8 @@ class Session:
     forward_model: nn.Module
     # The DeepSpeed engine (which then owns backward, clipping and the optimizer step), or None.
     engine: object | None = None
+    # Backend of the fused linear + cross-entropy loss, or None for the logits path (see fused_ce_backend()).
+    fused_ce_backend: str | None = None
 
 
 def kernel_backend(recipe: Recipe) -> str:
@@ -54,6 +57,14 @@ def kernel_backend(recipe: Recipe) -> str:
         return dispatch.resolve(recipe.kernels)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def fused_ce_backend(recipe: Recipe, model: nn.Module, forward_model: nn.Module) -> str | None:
+    """"triton" when the fused linear + cross-entropy replaces the logits: `kernels: triton`, a plain
+    lm_head, and one process (under DDP/DeepSpeed the forward must go through their wrapper)."""
+    if kernel_backend(recipe) != "triton" or forward_model is not model or not fused_ce_supported(model):
+        return None
+    return "triton"
 
 
 def autocast_dtype(recipe: Recipe) -> torch.dtype | None:
@@ -118,4 +129,4 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     else:
         forward_model = ddp.wrap(model, device) if ddp.active() else model
     return Session(recipe, env, device, tokenizer, data, base_dir, model, names, optimizer, scheduler,
-                   autocast_dtype(recipe), forward_model, engine)
+                   autocast_dtype(recipe), forward_model, engine, fused_ce_backend(recipe, model, forward_model))
