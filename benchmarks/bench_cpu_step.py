@@ -24,6 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks._results import merge_result
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data" / "quickstart" / "tokenizer"
 VOCAB = 8192
@@ -294,16 +296,6 @@ def compare(args: argparse.Namespace) -> dict:
     }
 
 
-def write_result(path: Path, result: dict) -> None:
-    """Merge `result` into the JSON file at `path` under its device key (other devices are kept)."""
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[result["device"]] = result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.side == "prepare":
@@ -314,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         result = compare(args)
         print(json.dumps(result, indent=2))
         if args.out:
-            write_result(args.out, result)
+            merge_result(args.out, result["device"], result)
 
 
 if __name__ == "__main__":

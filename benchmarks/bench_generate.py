@@ -28,7 +28,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.bench_cpu_step import device_key, llama_config, versions, write_result
+from benchmarks._results import merge_result
+from benchmarks.bench_cpu_step import device_key, llama_config, versions
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data" / "quickstart" / "tokenizer"
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        write_result(args.out, result)
+        merge_result(args.out, result["device"], result)
 
 
 if __name__ == "__main__":

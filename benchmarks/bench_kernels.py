@@ -31,6 +31,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks._results import merge_result
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"q_proj/o_proj": (4096, 4096), "gate_proj/up_proj": (14336, 4096), "down_proj": (4096, 14336)}
 PROVIDERS = ("qtrain_fused", "qtrain_dequant_cublas", "unfused_bnb", "peft_bnb", "bnb_gemv")
@@ -249,16 +251,6 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_out:
         path = args.out or REPO / "benchmarks" / "results" / f"{gpu_key()}.json"
         merge_result(path, "bench_kernels", result)
-
-
-def merge_result(path: Path, key: str, result: dict) -> None:
-    """Write `result` under `key` in the JSON file at `path`, keeping the other benchmarks' entries."""
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[key] = result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

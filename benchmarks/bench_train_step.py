@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_out:
             import re
 
-            from benchmarks.bench_kernels import merge_result
+            from benchmarks._results import merge_result
 
             key = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")
             merge_result(args.out or REPO / "benchmarks" / "results" / f"{key}.json", "bench_train_step", result)
