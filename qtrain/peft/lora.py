@@ -58,9 +58,12 @@ class LoRALinear(nn.Module):
         if not self.adapter_enabled:
             return lora_linear(x, self._weight_fn, bias, **kw)
         p = self.dropout if self.training else 0.0
-        with keep_matmul_outputs(self.keep_output):
-            return lora_linear(x, self._weight_fn, bias, self.lora_A.weight, self.lora_B.weight, self.scale, p,
-                               self.save_weight_for_backward, **kw)
+        args = (x, self._weight_fn, bias, self.lora_A.weight, self.lora_B.weight, self.scale, p,
+                self.save_weight_for_backward)
+        if not self.keep_output:  # the default: no context switch on every call
+            return lora_linear(*args, **kw)
+        with keep_matmul_outputs(True):
+            return lora_linear(*args, **kw)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}"
