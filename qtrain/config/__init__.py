@@ -3,6 +3,7 @@
 from qtrain.config.load import apply_overrides, load_recipe, recipe_from_dict
 from qtrain.config.schema import (
     CheckpointConfig,
+    CompareConfig,
     DataConfig,
     DistributedConfig,
     LoggingConfig,
@@ -14,7 +15,7 @@ from qtrain.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "DistributedConfig", "LoggingConfig", "ModelConfig",
+    "CheckpointConfig", "CompareConfig", "DataConfig", "DistributedConfig", "LoggingConfig", "ModelConfig",
     "PeftConfig", "QuantConfig", "Recipe", "TrainConfig",
     "apply_overrides", "load_recipe", "recipe_from_dict",
 ]

@@ -39,7 +39,10 @@ class QuantConfig:
 
 @dataclass
 class PeftConfig:
-    method: Literal["lora"] = "lora"
+    # lora: train low-rank adapters on a frozen (4-bit or 16-bit) base. full: train every weight
+    # (fp32 master weights, autocast compute; needs quant.method: none) -- the baseline LoRA is
+    # measured against (`qtrain compare`).
+    method: Literal["lora", "full"] = "lora"
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
@@ -120,6 +123,21 @@ class LoggingConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`qtrain compare RECIPE`: which variants run on the recipe's data and budget, and how they are scored."""
+
+    # base: the untouched base; full: full fine-tuning; lora: LoRA on the 16-bit base; qlora: LoRA on NF4.
+    variants: list[Literal["base", "full", "lora", "qlora"]] = field(
+        default_factory=lambda: ["base", "full", "lora", "qlora"])
+    # Learning rate of full fine-tuning (every weight moves, so it usually wants a smaller one);
+    # default: train.lr.
+    full_lr: Optional[float] = None
+    # Eval rows to generate summaries/answers for (ROUGE); null = the whole eval split.
+    max_gen_rows: Optional[int] = 100
+    max_new_tokens: int = 64
+
+
+@dataclass
 class Recipe:
     output_dir: str = ""
     seed: int = 0
@@ -132,3 +150,4 @@ class Recipe:
     kernels: Literal["auto", "triton", "torch"] = "auto"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)

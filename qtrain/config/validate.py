@@ -40,6 +40,23 @@ def check_values(r: Recipe) -> list[str]:
             re.compile(r.peft.targets)
         except (re.error, OverflowError, RecursionError) as exc:  # e.g. `a{4294967296}`, deep nesting
             p.append(f"peft.targets: invalid regex {r.peft.targets!r}: {exc}")
+    if r.peft.method == "full":
+        if r.quant.method != "none":
+            p.append(f"peft.method: 'full' trains every weight, and a {r.quant.method} base cannot be trained; "
+                     "set quant.method: none (or peft.method: lora for QLoRA)")
+        if r.distributed.deepspeed_config is not None or r.distributed.engine == "deepspeed":
+            p.append("peft.method: 'full' is not supported under DeepSpeed yet; use distributed.engine: ddp "
+                     "(or auto without deepspeed_config)")
+    c = r.compare
+    if not c.variants:
+        p.append("compare.variants: empty list; name some of base, full, lora, qlora")
+    elif len(set(c.variants)) != len(c.variants):
+        p.append(f"compare.variants: {c.variants} names a variant twice")
+    if c.full_lr is not None:
+        _positive(p, "compare.full_lr", c.full_lr)
+    if c.max_gen_rows is not None:
+        _positive(p, "compare.max_gen_rows", c.max_gen_rows, allow_zero=True)
+    _positive(p, "compare.max_new_tokens", c.max_new_tokens)
     d = r.data
     if not d.path:
         p.append("data.path: required (a local .jsonl/.json/.csv/.parquet file)")

@@ -1,4 +1,4 @@
-"""`train(recipe)`: set up, resume if asked, loop, save the adapter, write summary.json."""
+"""`train(recipe)`: set up, resume if asked, loop, save the adapter (or full model), write summary.json."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Iterator
 
 from qtrain.checkpoint.adapter_io import save_adapter
 from qtrain.checkpoint.atomic import atomic_write_text
+from qtrain.checkpoint.full_io import save_model_dir
 from qtrain.checkpoint.resume import find_resume_point
 from qtrain.checkpoint.train_state import required_files, restore
 from qtrain.config.schema import Recipe
@@ -23,7 +24,7 @@ from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import catch_preemption
 from qtrain.train.loop import RunState, evaluate, run_loop
 from qtrain.train.metrics import MetricsLog, median_step_s, param_counts, peak_memory_mib, truncate_metrics
-from qtrain.train.setup import Session, prepare
+from qtrain.train.setup import DTYPES, Session, prepare
 
 
 @contextlib.contextmanager
@@ -46,9 +47,15 @@ def _say(s: Session, text: str) -> None:
 def _header(s: Session) -> str:
     trainable, total = param_counts(s.model)
     r = s.recipe
-    return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; LoRA r={r.peft.r} on "
-            f"{len(s.target_names)} layers; {trainable:,} trainable of {total:,} params "
-            f"({100 * trainable / total:.3f}%)\n{s.data.report.summary_line()}")
+    what = ("full fine-tuning (fp32 master weights)" if r.peft.method == "full"
+            else f"LoRA r={r.peft.r} on {len(s.target_names)} layers")
+    return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
+            f"of {total:,} params ({100 * trainable / total:.3f}%)\n{s.data.report.summary_line()}")
+
+
+def artifact_dir(recipe: Recipe) -> Path:
+    """What a finished run leaves to use: `adapter/` (PEFT format), or `model/` after full fine-tuning."""
+    return Path(recipe.output_dir) / ("model" if recipe.peft.method == "full" else "adapter")
 
 
 def build_summary(s: Session, state: RunState) -> dict:
@@ -70,23 +77,24 @@ def build_summary(s: Session, state: RunState) -> dict:
         "world_size": s.env.world_size,
         "device": str(s.device),
         "quant": s.recipe.quant.method,
+        "method": s.recipe.peft.method,
         "lora_layers": len(s.target_names),
         "data": vars(s.data.report),
     }
 
 
-def _closing(summary: dict, out: Path) -> str:
+def _closing(summary: dict, out: Path, artifact: Path) -> str:
     ev = summary["final_eval_loss"]
     ev_text = f", eval loss {ev:.4f}" if ev is not None else ""
     med, tps = summary["median_step_s"], summary["tokens_per_s"]
     speed = f"median step {med:.3f}s, {tps:.0f} tokens/s, " if med is not None and tps is not None else ""
     return (f"done: {summary['steps']} steps, final train loss {summary['final_train_loss']:.4f}{ev_text}; "
             f"{speed}peak memory {summary['peak_memory_mib']:.0f} MiB\n"
-            f"adapter: {out / 'adapter'}\nsummary: {out / 'summary.json'}")
+            f"{artifact.name}: {artifact}\nsummary: {out / 'summary.json'}")
 
 
 def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunState:
-    ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s))
+    ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s), method=s.recipe.peft.method)
     if s.engine is not None:
         ds.load_optimizer_shard(s.engine, ckpt, s.env.rank)
     s.scheduler.load_state_dict(ts["scheduler"])
@@ -106,7 +114,7 @@ def train(recipe: Recipe) -> dict:
     with catch_preemption() as flag, process_group(env, recipe.distributed.timeout_s):
         with fresh_output_dir(out):
             s = prepare(recipe, env)
-            required = required_files(env.world_size) + (ds.shard_files(env.world_size) if s.engine else [])
+            required = required_files(env.world_size, recipe.peft.method) + (ds.shard_files(env.world_size) if s.engine else [])
             ckpt = find_resume_point(out, recipe.checkpoint.resume, required)
             out.mkdir(parents=True, exist_ok=True)
         _say(s, _header(s))
@@ -131,7 +139,10 @@ def train(recipe: Recipe) -> dict:
     if env.is_main:
         if s.engine is not None:
             ds.check_adapter_whole(s.model)
-        save_adapter(s.model, recipe.peft, str(s.base_dir.resolve()), out / "adapter")
+        if recipe.peft.method == "full":
+            save_model_dir(s.model, s.tokenizer, DTYPES[recipe.model.dtype], artifact_dir(recipe))
+        else:
+            save_adapter(s.model, recipe.peft, str(s.base_dir.resolve()), artifact_dir(recipe))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _say(s, _closing(summary, out))
+    _say(s, _closing(summary, out, artifact_dir(recipe)))
     return summary

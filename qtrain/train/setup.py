@@ -1,7 +1,7 @@
 """Everything a run needs before its first step, built in the order that fails fastest.
 
 tokenizer → data (DataError before any file is written) → base model dir → streamed 4-bit
-model → adapters → optimizer/schedule.
+model → adapters (or, for full fine-tuning, every weight trainable) → optimizer/schedule.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def fused_ce_backend(recipe: Recipe, model: nn.Module, forward_model: nn.Module)
     lm_head, and one process (under DDP/DeepSpeed the forward must go through their wrapper)."""
     if kernel_backend(recipe) != "triton" or forward_model is not model or not fused_ce_supported(model):
         return None
+    if getattr(model.config, "is_encoder_decoder", False):  # the fused loss is written for decoder-only LMs
+        return None
     return "triton"
 
 
@@ -87,11 +89,22 @@ def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Pat
 
 
 def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[nn.Module, list[str]]:
-    """Streamed (4-bit) base with LoRA attached; only LoRA parameters require grad."""
+    """Streamed (4-bit) base with LoRA attached; only LoRA parameters require grad.
+
+    Full fine-tuning (`peft.method: full`) instead loads the base unquantized with fp32 master
+    weights (compute still runs under the recipe's autocast) and trains every parameter; the
+    returned name list is then empty.
+    """
+    full = recipe.peft.method == "full"
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
-    model = load_model(base_dir, DTYPES[recipe.model.dtype], device, spec, kernel_backend(recipe),
-                       recipe.model.trust_remote_code)
-    names = inject_lora(model, recipe.peft)
+    dtype = torch.float32 if full else DTYPES[recipe.model.dtype]
+    model = load_model(base_dir, dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code)
+    if full:
+        names: list[str] = []
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        names = inject_lora(model, recipe.peft)
     model.config.use_cache = False
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(recipe.train.recompute))

@@ -1,0 +1,81 @@
+"""`peft.method: full`: every weight trains, checkpoints resume bit-exactly, the result is a normal HF model dir."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from parallel_runs import REPO, TINY, clean_env, losses
+from qtrain.config import load_recipe
+from qtrain.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+FULL = ["peft.method=full", "quant.method=none", "train.lr=1e-3", "train.deterministic=true",
+        "train.schedule=constant", "train.warmup_steps=0"]
+
+
+def run(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *TINY, *FULL, *extra]
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    proc = run(out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_full_needs_an_unquantized_base():
+    with pytest.raises(ConfigError, match="peft.method: 'full' .* set quant.method: none"):
+        load_recipe(QUICKSTART, ["peft.method=full"])
+
+
+def test_full_under_deepspeed_is_refused_by_name():
+    with pytest.raises(ConfigError, match="peft.method: 'full' is not supported under DeepSpeed"):
+        load_recipe(QUICKSTART, ["peft.method=full", "quant.method=none",
+                                 "distributed.deepspeed_config=configs/deepspeed/zero2.json"])
+
+
+def test_every_weight_trains_and_the_model_dir_reloads_with_the_trained_logits(finished):
+    from transformers import AutoModelForCausalLM
+
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["method"] == "full" and summary["trainable_percent"] == 100.0
+    assert summary["trainable_params"] == summary["total_params"]
+    base = load_file(str(finished / "base" / "model.safetensors"))
+    trained = load_file(str(finished / "checkpoints" / "step-6" / "weights.safetensors"))
+    for name, value in trained.items():
+        assert not torch.equal(value, base[name].float()), f"{name} did not move"
+    model = AutoModelForCausalLM.from_pretrained(str(finished / "model"), dtype=torch.float32).eval()
+    ours = {k: v for k, v in model.state_dict().items() if k in trained}
+    assert ours.keys() == trained.keys()
+    for k in trained:
+        torch.testing.assert_close(ours[k], trained[k], rtol=0, atol=0, msg=k)  # fp32 recipe: saved as trained
+    ids = torch.tensor([[1, 17, 42, 99, 5, 8]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    assert (finished / "model" / "tokenizer.json").is_file()
+
+
+def test_killed_full_run_resumes_bit_exactly(tmp_path, finished):
+    out = tmp_path / "run"
+    killed = run(out, fault="kill@step:4")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run(out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "(step 3)" in resumed.stdout
+    assert losses(out) == losses(finished)
+    a = load_file(str(out / "checkpoints" / "step-6" / "weights.safetensors"))
+    b = load_file(str(finished / "checkpoints" / "step-6" / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
