@@ -176,16 +176,17 @@ def corpus(instruction: list[dict], chat: list[dict], text: list[dict]) -> list[
     return out
 
 
-def train_tokenizer(texts: list[str]):  # -> tokenizers.Tokenizer
-    """Byte-level BPE with the special tokens at ids 0..3; encodes any byte string."""
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE,
+                    special_tokens: list[str] = SPECIAL_TOKENS):  # -> tokenizers.Tokenizer
+    """Byte-level BPE with `special_tokens` at ids 0, 1, ...; encodes any byte string."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -193,13 +194,15 @@ def train_tokenizer(texts: list[str]):  # -> tokenizers.Tokenizer
     return tok
 
 
-def tokenizer_config() -> dict:
+def tokenizer_config(special_tokens: list[str] = SPECIAL_TOKENS,
+                     chat_template: str | None = CHAT_TEMPLATE) -> dict:
+    """The HF tokenizer config; special tokens are named by content, so any id order works."""
     added = {
         str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                  "single_word": False, "special": True}
-        for i, t in enumerate(SPECIAL_TOKENS)
+        for i, t in enumerate(special_tokens)
     }
-    return {
+    config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
         "pad_token": "<pad>",
@@ -208,19 +211,23 @@ def tokenizer_config() -> dict:
         "unk_token": "<unk>",
         "model_max_length": MODEL_MAX_LENGTH,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return config
 
 
-def write_tokenizer(tok, out_dir: Path) -> None:
+def write_tokenizer(tok, out_dir: Path, config: dict | None = None) -> None:
+    """Write tokenizer.json and tokenizer_config.json (default: `tokenizer_config()`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = tokenizer_config() if config is None else config
     # Re-serialize with sorted keys and a trailing newline so the bytes do not depend on
     # the library's dict ordering.
     data = json.loads(tok.to_str())
     (out_dir / "tokenizer.json").write_text(
         json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     (out_dir / "tokenizer_config.json").write_text(
-        json.dumps(tokenizer_config(), ensure_ascii=False, indent=2, sort_keys=True) + "\n",
+        json.dumps(config, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
         encoding="utf-8")
 
 

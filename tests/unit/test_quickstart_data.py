@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
+
+from generated_data import assert_regenerates
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "quickstart"
@@ -28,12 +28,7 @@ def tok():
 
 
 def test_script_regenerates_the_committed_files_byte_for_byte(tmp_path):
-    subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], check=True,
-                   capture_output=True, cwd=tmp_path)
-    made = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert made == sorted(GENERATED)
-    for name in GENERATED:
-        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+    assert_regenerates(SCRIPT, DATA, GENERATED, tmp_path)
 
 
 def test_instruction_rows(tok):
