@@ -21,6 +21,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "rouge-score>=0.1.2",  # `qtrain eval`: ROUGE-1/2/L/Lsum
+        "matplotlib>=3.7",  # `qtrain compare`: loss-curve and ROUGE plots
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "peft>=0.15", "triton>=3.0", "deepspeed>=0.16"],

@@ -4,6 +4,7 @@
     qtrain generate --adapter DIR [--adapter NAME=DIR ...] (--prompt TEXT | --input FILE.jsonl) [...]
     qtrain merge --adapter DIR --out DIR [--dtype bf16|fp16|fp32] [...]
     qtrain eval RECIPE [--adapter DIR | --no-adapter] [key.sub=value ...]
+    qtrain compare RECIPE [key.sub=value ...]
 
 User errors (`QtrainError`) print one message and exit with code 2, without a traceback.
 """
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_merge(sub)
     _add_eval(sub)
+    c = sub.add_parser("compare", help="base vs full fine-tune vs LoRA vs QLoRA on one recipe: report.md + plots")
+    c.add_argument("recipe", help="path of the YAML recipe (its compare: section picks variants and scoring)")
+    c.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys, as for train")
     return p
 
 
@@ -142,6 +146,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from qtrain.eval.compare import compare
+
+    report = compare(args.recipe, args.overrides)
+    print(f"report: {report}")
+    return 0
+
+
 def _quiet_optional_backends() -> None:
     """bitsandbytes warns at import that an optional CPU kernel package (`kernels`) is missing;
     qtrain never uses that path, so the CLI keeps it off the user's terminal."""
@@ -165,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     _quiet_optional_backends()
     try:
-        commands = {"train": _train, "generate": _generate, "merge": _merge, "eval": _eval}
+        commands = {"train": _train, "generate": _generate, "merge": _merge, "eval": _eval, "compare": _compare}
         return commands[args.command](args)
     except QtrainError as exc:
         print(f"qtrain: {exc.kind}: {exc}", file=sys.stderr)
