@@ -45,6 +45,14 @@ def run_single(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
 
 
+def run_ddp(out: Path, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """2 ranks under torchrun with micro-batch 2 each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *TINY,
+           "train.micro_batch_size=2", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=timeout)
+
+
 def assert_same_training(single: Path, parallel: Path) -> None:
     """Per-step losses and grad norms (logged to 6 decimals) and the final adapter agree.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,15 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parallel_runs import REPO, TINY, assert_same_training, clean_env, losses, run_single
+from parallel_runs import assert_same_training, losses, run_ddp, run_single
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-def run_ddp(out: Path, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *TINY,
-           "train.micro_batch_size=2", *extra]
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

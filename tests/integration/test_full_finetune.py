@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parallel_runs import REPO, TINY, clean_env, losses
+from parallel_runs import REPO, TINY, clean_env, losses, run_ddp, run_single
 from qtrain.config import load_recipe
 from qtrain.errors import ConfigError
 
@@ -79,3 +79,21 @@ def test_killed_full_run_resumes_bit_exactly(tmp_path, finished):
     a = load_file(str(out / "checkpoints" / "step-6" / "weights.safetensors"))
     b = load_file(str(finished / "checkpoints" / "step-6" / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.distributed
+def test_full_fine_tuning_under_ddp_equals_one_process(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    p1 = run_single(single, *FULL)
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    p2 = run_ddp(ddp, *FULL)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    a, b = losses(single), losses(ddp)
+    assert len(a) == len(b) == 6
+    for (la, ga), (lb, gb) in zip(a, b):  # fp32: all-reduce order changes the last bits only
+        assert la == pytest.approx(lb, rel=2e-6) and ga == pytest.approx(gb, rel=2e-6)
+    wa = load_file(str(single / "checkpoints" / "step-6" / "weights.safetensors"))
+    wb = load_file(str(ddp / "checkpoints" / "step-6" / "weights.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
