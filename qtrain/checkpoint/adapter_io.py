@@ -1,7 +1,9 @@
 """Adapters on disk in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
 Key names are PEFT's (`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.from_pretrained`
-loads what we write, and we load what peft writes for LoRA.
+loads what we write, and we load what peft writes for LoRA. `task_type` is SEQ_2_SEQ_LM for an
+encoder-decoder base (T5 family) and CAUSAL_LM otherwise, so peft wraps the model it loads the
+adapter into with the matching class.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from qtrain.checkpoint.atomic import atomic_dir
 from qtrain.config.schema import PeftConfig
 from qtrain.errors import CheckpointError
+from qtrain.models.arch import model_is_encoder_decoder
 from qtrain.peft.inject import lora_modules
 
 CONFIG_NAME = "adapter_config.json"
@@ -32,6 +35,11 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{PREFIX}{name}.lora_A.weight"] = mod.lora_A.weight.detach().to("cpu").contiguous()
         out[f"{PREFIX}{name}.lora_B.weight"] = mod.lora_B.weight.detach().to("cpu").contiguous()
     return out
+
+
+def task_type_of(model: nn.Module) -> str:
+    """peft's task type for `model`: SEQ_2_SEQ_LM (encoder-decoder) or CAUSAL_LM."""
+    return "SEQ_2_SEQ_LM" if model_is_encoder_decoder(model) else "CAUSAL_LM"
 
 
 def adapter_config(cfg: PeftConfig, base_model: str, task_type: str = "CAUSAL_LM") -> dict:
@@ -61,7 +69,8 @@ def write_adapter_files(model: nn.Module, cfg: PeftConfig, base_model: str, out_
     if bad:
         raise CheckpointError(f"refusing to save a non-finite adapter to {out_dir}: {bad[0]} has NaN/inf values")
     save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(adapter_config(cfg, base_model), indent=2) + "\n")
+    config = adapter_config(cfg, base_model, task_type_of(model))
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_adapter(model: nn.Module, cfg: PeftConfig, base_model: str, out_dir: str | Path) -> Path:

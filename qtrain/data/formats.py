@@ -3,6 +3,11 @@
 Every format tokenizes its pieces separately (with no special tokens added by the tokenizer)
 and concatenates the ids, so the boundary between masked and trained tokens is exact rather
 than recovered from character offsets.
+
+Encoder-decoder models (T5 family) get (encoder input ids, decoder labels) instead, from
+`encode_seq2seq_row`: the prompt goes to the encoder, the answer is the decoder's target, and
+nothing is masked. Only formats with one prompt and one answer (instruction, summarization)
+have that shape.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 Encoded = tuple[list[int], list[int]]
+
+# Formats an encoder-decoder model can train on: each row is one prompt and one answer.
+SEQ2SEQ_FORMATS = ("instruction", "summarization")
 
 
 def check_fields(fmt: str, fields: Mapping[str, str]) -> None:
@@ -59,6 +67,34 @@ def encode_row(row: Mapping[str, Any], fmt: str, tokenizer: Any, fields: Mapping
     where = source if row_number is None else f"{source}, row {row_number}"
     ctx = _Row(row, fields, where)
     return _ENCODERS[fmt](ctx, tokenizer)
+
+
+def encode_seq2seq_row(row: Mapping[str, Any], fmt: str, tokenizer: Any, fields: Mapping[str, str],
+                       *, source: str = "data", row_number: int | None = None) -> Encoded:
+    """Tokenize one row of `fmt` for an encoder-decoder model into (encoder input_ids, labels).
+
+    The encoder input is the prompt + EOS (for summarization, SUMMARIZATION_PROMPT around the
+    dialogue); the labels are the answer + EOS, every one trained. The decoder's input is the
+    labels shifted right (see collate), as T5 trains.
+
+    Raises:
+        DataError: the format has no single prompt and answer (text, chat), or the row is bad
+            as for `encode_row`.
+    """
+    check_fields(fmt, fields)
+    check_seq2seq_format(fmt)
+    where = source if row_number is None else f"{source}, row {row_number}"
+    ctx = _Row(row, fields, where)
+    prompt, answer = _SEQ2SEQ_PARTS[fmt](ctx)
+    eos = _eos(tokenizer, ctx.where)
+    return _ids(tokenizer, prompt) + eos, _ids(tokenizer, answer) + eos
+
+
+def check_seq2seq_format(fmt: str) -> None:
+    """DataError for a format an encoder-decoder model cannot train on."""
+    if fmt not in SEQ2SEQ_FORMATS:
+        raise DataError(f"data.format: {fmt!r} needs a decoder-only model; an encoder-decoder model (T5 family) "
+                        f"trains on a prompt and an answer per row: use data.format {' or '.join(SEQ2SEQ_FORMATS)}")
 
 
 class _Row:
@@ -206,6 +242,20 @@ def _render(ctx: _Row, tokenizer: Any, messages: list[dict[str, Any]],
         raise ctx.fail("messages", f"cannot be rendered by the chat template ({err})",
                        "fix the conversation or the template") from None
 
+
+def _instruction_parts(ctx: _Row) -> tuple[str, str]:
+    return ctx.text("prompt"), ctx.text("response")
+
+
+def _summarization_parts(ctx: _Row) -> tuple[str, str]:
+    return SUMMARIZATION_PROMPT.format(dialogue=ctx.text("dialogue")), ctx.text("summary")
+
+
+# Encoder-decoder formats: row -> (prompt text, answer text).
+_SEQ2SEQ_PARTS: dict[str, Callable[[_Row], tuple[str, str]]] = {
+    "instruction": _instruction_parts,
+    "summarization": _summarization_parts,
+}
 
 _ENCODERS: dict[str, Callable[[_Row, Any], Encoded]] = {
     "text": _encode_text,

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qtrain.config.schema import DataConfig
-from qtrain.data.formats import IGNORE_INDEX, check_fields, encode_row
+from qtrain.data.formats import IGNORE_INDEX, check_fields, check_seq2seq_format, encode_row, encode_seq2seq_row
 from qtrain.data.read import read_rows
-from qtrain.errors import DataError
+from qtrain.errors import ConfigError, DataError
 
 
 @dataclass
@@ -26,6 +26,12 @@ class Example:
     @property
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+@dataclass
+class Seq2SeqExample(Example):
+    """One encoder-decoder training pair: `input_ids` is the encoder's input, `labels` the decoder's
+    target (its own length; the decoder reads it shifted right). Its length is the encoder's."""
 
 
 @dataclass
@@ -74,24 +80,31 @@ class _Counts:
     dropped_no_labels: int = 0
 
 
-def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> DataBundle:
+def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int, *, encoder_decoder: bool = False) -> DataBundle:
     """Read, split, encode, filter and (optionally) pack the recipe's data.
 
     Args:
         cfg: the recipe's `data` section.
         tokenizer: a Hugging Face tokenizer.
         seed: the recipe seed; fixes the eval split and the packing order.
+        encoder_decoder: the model is an encoder-decoder (T5 family): rows become
+            `Seq2SeqExample`s (see formats.encode_seq2seq_row); data.max_len bounds the encoder
+            input and the labels alike.
 
     Raises:
-        DataError: unreadable data, bad rows, or no training sequence left after filtering.
+        DataError: unreadable data, bad rows, a format the model cannot train on, or no
+            training sequence left after filtering.
+        ConfigError: data.packing with an encoder-decoder model.
     """
     check_fields(cfg.format, cfg.fields)
+    if encoder_decoder:
+        check_seq2seq_inputs(cfg)
     if not cfg.path:
         raise DataError("data.path: not set; point it at a .jsonl/.json/.csv/.parquet file")
     train_rows, eval_rows, rows_read = _read_and_split(cfg, seed)
 
-    train, train_counts = _encode_all(train_rows, cfg, tokenizer)
-    evals, eval_counts = _encode_all(eval_rows, cfg, tokenizer)
+    train, train_counts = _encode_all(train_rows, cfg, tokenizer, encoder_decoder)
+    evals, eval_counts = _encode_all(eval_rows, cfg, tokenizer, encoder_decoder)
     if not train:
         raise _empty_training_error(cfg, len(train_rows.rows), train_counts)
     if cfg.packing:
@@ -109,6 +122,14 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> DataBundle:
         trained_tokens=sum(e.trained_tokens for e in train),
     )
     return DataBundle(train=train, eval=evals, report=report)
+
+
+def check_seq2seq_inputs(cfg: DataConfig) -> None:
+    """Refuse data settings an encoder-decoder model cannot train with (format, packing)."""
+    check_seq2seq_format(cfg.format)
+    if cfg.packing:
+        raise ConfigError("data.packing: an encoder-decoder model (T5 family) trains on one prompt -> answer pair "
+                          "per sequence, and packing would glue rows together; set data.packing: false")
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -160,19 +181,20 @@ def _read(path: str, key: str) -> _Rows:
     return _Rows(path, list(enumerate(rows, start=1)))
 
 
-def _encode_all(rows: _Rows, cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], _Counts]:
+def _encode_all(rows: _Rows, cfg: DataConfig, tokenizer: Any,
+                encoder_decoder: bool = False) -> tuple[list[Example], _Counts]:
     counts = _Counts()
     out = []
+    encode, make = (encode_seq2seq_row, Seq2SeqExample) if encoder_decoder else (encode_row, Example)
     for number, row in rows.rows:
-        ids, labels = encode_row(row, cfg.format, tokenizer, cfg.fields,
-                                 source=rows.source, row_number=number)
-        if len(ids) > cfg.max_len:
+        ids, labels = encode(row, cfg.format, tokenizer, cfg.fields, source=rows.source, row_number=number)
+        if max(len(ids), len(labels)) > cfg.max_len:
             if cfg.overlong == "drop":
                 counts.dropped_overlong += 1
                 continue
             ids, labels = ids[:cfg.max_len], labels[:cfg.max_len]
             counts.truncated += 1
-        example = Example(ids, labels)
+        example = make(ids, labels)
         if example.trained_tokens == 0:
             counts.dropped_no_labels += 1
             continue

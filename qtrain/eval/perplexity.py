@@ -1,9 +1,15 @@
-"""Eval loss and perplexity: the mean next-token NLL over every trained token of the eval split."""
+"""Eval loss and perplexity: the mean NLL over every trained token of the eval split.
+
+`nll_sum` is the one batched, token-weighted loop; training's periodic eval
+(`qtrain.train.loop.evaluate`) and `qtrain eval` (`eval_loss`) both run it, with their own
+batching and loss function.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -12,7 +18,10 @@ from torch import nn
 
 from qtrain.data import collate
 from qtrain.data.pipeline import Example
-from qtrain.train.loss import causal_lm_loss_sum, count_trained_tokens
+from qtrain.models.arch import collate_start_id
+from qtrain.train.loss import batch_logits, batch_loss_sum, batch_trained_tokens
+
+Batch = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -34,19 +43,45 @@ def perplexity_of(loss: float) -> float:
         return math.inf
 
 
+def nll_sum(chunks: Iterable[Sequence[Example]], to_batch: Callable[[Sequence[Example]], Batch],
+            loss_sum: Callable[[Batch], torch.Tensor],
+            stop: Callable[[], bool] = lambda: False) -> Optional[tuple[float, int]]:
+    """(summed NLL, trained tokens) over the batches of `chunks`; None if `stop()` turns true first.
+
+    Each chunk becomes a device batch through `to_batch`; `loss_sum(batch)` is its token-sum loss
+    and `batch_trained_tokens` counts the tokens it is over, for the batch's architecture.
+    """
+    total, count = 0.0, 0
+    for chunk in chunks:
+        if stop():
+            return None
+        batch = to_batch(chunk)
+        total += float(loss_sum(batch))
+        count += batch_trained_tokens(batch)
+    return total, count
+
+
 @torch.inference_mode()
 def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
               device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> LossResult:
-    """Token-weighted mean NLL over `examples` (labels -100 are not counted), as training's eval does."""
+    """Token-weighted mean NLL over `examples` (labels -100 are not counted), as training's eval does.
+
+    Works for decoder-only and encoder-decoder models alike (the examples were built for the model).
+    """
     if not examples:
         raise ValueError("eval_loss needs at least one example")
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+    start = collate_start_id(model)
+
+    def to_batch(chunk: Sequence[Example]) -> Batch:
+        return {k: v.to(device) for k, v in collate(chunk, pad_id, start).items()}
+
+    def loss_sum(batch: Batch) -> torch.Tensor:
         with autocast_context(device, autocast_dtype):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        total += float(causal_lm_loss_sum(logits, batch["labels"]))
-        count += count_trained_tokens(batch["labels"])
+            logits = batch_logits(model, batch)
+        return batch_loss_sum(logits, batch)
+
+    chunks = (examples[i:i + batch_size] for i in range(0, len(examples), batch_size))
+    total, count = nll_sum(chunks, to_batch, loss_sum)
     loss = total / max(1, count)
     return LossResult(loss, perplexity_of(loss), count, len(examples))

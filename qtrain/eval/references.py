@@ -2,7 +2,8 @@
 
 The split is the one `qtrain.data.build_datasets` holds out (same file, same `split_indices`,
 same seed, or `data.eval_path`), and each prompt is encoded by the format's own encoder, so the
-model sees exactly the prompt it was trained to continue.
+model sees exactly the prompt it was trained to continue (for an encoder-decoder model: exactly
+the encoder input it was trained on, cut to data.max_len as training cut it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qtrain.config.schema import DataConfig
-from qtrain.data import IGNORE_INDEX, encode_row, read_rows, split_indices
+from qtrain.data import IGNORE_INDEX, encode_row, encode_seq2seq_row, read_rows, split_indices
 
 # Formats whose rows carry one reference answer, and the field that holds it.
 ANSWER_FIELD = {"instruction": "response", "summarization": "summary"}
@@ -27,7 +28,9 @@ class Reference:
 @dataclass
 class References:
     rows: list[Reference]
-    skipped_long_prompts: int   # prompts that fill data.max_len, leaving no room to answer
+    # Prompts that fill data.max_len, leaving no room to answer (encoder-decoder: rows longer than
+    # data.max_len under data.overlong: drop, which training leaves out too).
+    skipped_long_prompts: int
 
 
 def eval_rows(cfg: DataConfig, seed: int) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
@@ -39,12 +42,14 @@ def eval_rows(cfg: DataConfig, seed: int) -> tuple[str, list[tuple[int, dict[str
     return cfg.path, [(i + 1, rows[i]) for i in held_out]
 
 
-def references(cfg: DataConfig, tokenizer, seed: int) -> References:
+def references(cfg: DataConfig, tokenizer, seed: int, encoder_decoder: bool = False) -> References:
     """Prompts + reference answers of the eval split; empty for formats without a single answer."""
     answer = ANSWER_FIELD.get(cfg.format)
     if answer is None:
         return References([], 0)
     source, rows = eval_rows(cfg, seed)
+    if encoder_decoder:
+        return _encoder_references(cfg, tokenizer, source, rows, answer)
     out, skipped = [], 0
     for number, row in rows:
         ids, labels = encode_row(row, cfg.format, tokenizer, cfg.fields, source=source, row_number=number)
@@ -53,4 +58,17 @@ def references(cfg: DataConfig, tokenizer, seed: int) -> References:
             skipped += 1
             continue
         out.append(Reference(number, ids[:n_prompt], row[cfg.fields.get(answer, answer)]))
+    return References(out, skipped)
+
+
+def _encoder_references(cfg: DataConfig, tokenizer, source: str, rows: list[tuple[int, dict[str, Any]]],
+                        answer: str) -> References:
+    """Encoder inputs + reference answers for an encoder-decoder model."""
+    out, skipped = [], 0
+    for number, row in rows:
+        ids, labels = encode_seq2seq_row(row, cfg.format, tokenizer, cfg.fields, source=source, row_number=number)
+        if max(len(ids), len(labels)) > cfg.max_len and cfg.overlong == "drop":
+            skipped += 1
+            continue
+        out.append(Reference(number, ids[:cfg.max_len], row[cfg.fields.get(answer, answer)]))
     return References(out, skipped)

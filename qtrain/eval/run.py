@@ -1,5 +1,8 @@
 """`qtrain eval RECIPE`: eval loss/perplexity and, for instruction/summarization data, ROUGE.
 
+Decoder-only and encoder-decoder (T5 family) bases alike: the data, the loss positions and the
+generation follow the base's architecture (see qtrain.models.arch).
+
 The base is the recipe's (loaded as the recipe trains it: same dtype, quantization, autocast);
 the adapter is `--adapter DIR`, or the run's own `<output_dir>/adapter`, or none with
 `--no-adapter`. Writes `eval.json` and `eval_generations.jsonl` to `--out-dir` (default: the
@@ -30,6 +33,7 @@ from qtrain.infer.adapters import AdapterSet
 from qtrain.infer.decode import eos_ids, generate_tokens
 from qtrain.infer.prompts import decode_completion
 from qtrain.infer.sampling import SamplingConfig
+from qtrain.models.arch import is_encoder_decoder
 from qtrain.models.load import load_model
 from qtrain.models.tokenizer import load_tokenizer
 from qtrain.quant.nf4 import NF4Spec
@@ -63,6 +67,18 @@ def pick_adapter(recipe: Recipe, opts: EvalOptions) -> Optional[Path]:
     return path
 
 
+def full_model_dir(recipe: Recipe, opts: EvalOptions) -> Optional[Path]:
+    """After full fine-tuning the trained model is `<output_dir>/model`; it is evaluated as the base, with no
+    adapter. None for LoRA recipes, or when --adapter/--no-adapter says otherwise."""
+    if recipe.peft.method != "full" or opts.adapter or opts.no_adapter:
+        return None
+    path = Path(recipe.output_dir) / "model"
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"fine-tuned model not found: {path} (no config.json); train first, "
+                              "or --no-adapter to evaluate the base")
+    return path
+
+
 def build_eval_model(recipe: Recipe, base_dir: Path, adapter: Optional[Path], device: torch.device) -> nn.Module:
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
     model = load_model(base_dir, DTYPES[recipe.model.dtype], device, spec, kernel_backend(recipe),
@@ -92,20 +108,23 @@ def evaluate_recipe(recipe: Recipe, opts: EvalOptions, recipe_path: str = "recip
     """Run the evaluation; returns the report also written to eval.json."""
     t0 = time.perf_counter()
     cfg = opts.sampling.check()
-    adapter = pick_adapter(recipe, opts)
+    trained_dir = full_model_dir(recipe, opts)
+    adapter = None if trained_dir else pick_adapter(recipe, opts)
     batch = opts.batch_size or recipe.train.micro_batch_size
     if batch < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch}")
     device = read_env().device()
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path,
                                trust_remote_code=recipe.model.trust_remote_code)
-    data = build_datasets(recipe.data, tokenizer, recipe.seed)
+    encoder_decoder = is_encoder_decoder(recipe.model)
+    data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=encoder_decoder)
     if not data.eval:
         raise DataError(f"{recipe.data.path}: the eval split is empty; set data.eval_split > 0 or data.eval_path")
-    refs = references(recipe.data, tokenizer, recipe.seed) if opts.generate else References([], 0)
+    refs = (references(recipe.data, tokenizer, recipe.seed, encoder_decoder) if opts.generate
+            else References([], 0))
     if opts.max_gen_rows is not None:
         refs.rows = refs.rows[: opts.max_gen_rows]
-    base_dir = resolve_base_dir(recipe, tokenizer)
+    base_dir = trained_dir or resolve_base_dir(recipe, tokenizer)
     model = build_eval_model(recipe, base_dir, adapter, device)
     amp = autocast_dtype(recipe)
     loss = eval_loss(model, data.eval, tokenizer.pad_token_id, batch, device, amp)

@@ -24,6 +24,7 @@ from qtrain.infer.decode import eos_ids, generate_tokens, model_device
 from qtrain.infer.load import BaseOptions, load_with_adapters, parse_adapter_args
 from qtrain.infer.prompts import PromptRow, decode_completion, encode_prompt, read_prompt_rows
 from qtrain.infer.sampling import SamplingConfig
+from qtrain.models.arch import model_is_encoder_decoder
 
 
 class TextStream:
@@ -56,7 +57,7 @@ def generate_text(model: nn.Module, tokenizer, prompts: Sequence[str], cfg: Samp
 
     Without `rows`, the adapter set's active adapter (or whatever the model has) applies to all.
     """
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    ids = [encode_prompt(tokenizer, p, model_is_encoder_decoder(model)) for p in prompts]
     eos, pad = eos_ids(model, tokenizer), tokenizer.pad_token_id
     if rows is None or adapters is None:
         out = generate_tokens(model, ids, cfg, eos, pad, on_token, generator)

@@ -5,10 +5,12 @@ in fp32, so the only rounding is the final cast to the output dtype. W is what i
 the adapter uses: the NF4 base dequantized (default, as training saw it; the NF4 bytes depend
 on the dtype the base was loaded in, `--base-dtype`, so it must match the recipe's
 `model.dtype`) or the original weights (`--no-quant`). Every other 4-bit layer is dequantized
-too, so the result is a dense model `AutoModelForCausalLM.from_pretrained` loads without qtrain.
+too, so the result is a dense model `AutoModelForCausalLM.from_pretrained` (encoder-decoder bases:
+`AutoModelForSeq2SeqLM`) loads without qtrain.
 
-Before writing, the merged model and base + adapter run the same probe text; the largest logit
-difference is printed and kept in `qtrain_merge.json` beside the weights.
+Before writing, the merged model and base + adapter run the same probe text (an encoder-decoder
+model reads it in the encoder and again as its decoder input); the largest logit difference is
+printed and kept in `qtrain_merge.json` beside the weights.
 
 Merging back into 4-bit is refused: requantizing W' to NF4 adds a second rounding (of the order
 of NF4's own error) on top of the one the adapter was trained against, and the result is no
@@ -31,6 +33,7 @@ from qtrain.infer.decode import model_device
 from qtrain.infer.load import DTYPES, BaseOptions, load_with_adapters
 from qtrain.infer.multi_lora import MultiLoRALinear
 from qtrain.infer.prompts import encode_prompt
+from qtrain.models.arch import decoder_start_id, model_is_encoder_decoder
 from qtrain.quant.linear import NF4Linear, dense_weight_fn
 
 MARKER = "qtrain_merge.json"
@@ -92,6 +95,9 @@ def fold_adapter(model: nn.Module, adapter: str, out_dtype: torch.dtype) -> int:
 @torch.inference_mode()
 def probe_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
     x = torch.tensor([ids], device=model_device(model))
+    if model_is_encoder_decoder(model):
+        start = torch.full_like(x[:, :1], decoder_start_id(model))
+        return model(input_ids=x, decoder_input_ids=torch.cat([start, x[:, :-1]], dim=1)).logits.float()
     return model(input_ids=x).logits.float()
 
 
@@ -110,7 +116,7 @@ def merge_to_dir(opts: MergeOptions) -> dict:
     _check_out_dir(out)
     out_dtype = DTYPES[opts.dtype]
     model, aset, tokenizer, base_dir = load_with_adapters({"default": opts.adapter}, opts.base, opts.base_options)
-    probe = encode_prompt(tokenizer, PROBE_TEXT)
+    probe = encode_prompt(tokenizer, PROBE_TEXT, model_is_encoder_decoder(model))
     reference = probe_logits(model, probe)
     n_merged = fold_adapter(model, "default", out_dtype)
     diff = (probe_logits(model, probe) - reference).abs()

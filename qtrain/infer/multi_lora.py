@@ -93,6 +93,12 @@ class MultiLoRALinear(nn.Module):
         self._weight_fn = dense_weight_fn(base)
 
     @property
+    def weight(self):
+        """The frozen base weight when it is dense (None for an NF4 base), for model code that reads
+        `layer.weight` of a linear: T5's feed-forward casts its input to `wo.weight.dtype`."""
+        return getattr(self.base_layer, "weight", None)
+
+    @property
     def device(self) -> torch.device:
         return next(iter(list(self.base_layer.parameters()) + list(self.base_layer.buffers()))).device
 

@@ -3,7 +3,8 @@
 An input row is `{"prompt": "..."}`, optionally with `"adapter": "NAME"` (one of the loaded
 adapter names) or `"adapter": null` (the base alone); without the key a row uses the default
 adapter. A prompt is encoded as training encoded an instruction prompt: BOS (when the
-tokenizer has one) + the text, with no other special tokens.
+tokenizer has one) + the text, with no other special tokens; for an encoder-decoder model (T5
+family), the encoder's input as training built it: the text + EOS.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ class PromptRow:
     adapter: Optional[str]    # None = base alone
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
+def encode_prompt(tokenizer, text: str, encoder_decoder: bool = False) -> list[int]:
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if encoder_decoder:
+        return ids + [tokenizer.eos_token_id]
     bos = getattr(tokenizer, "bos_token_id", None)
-    return ([] if bos is None else [bos]) + list(tokenizer.encode(text, add_special_tokens=False))
+    return ([] if bos is None else [bos]) + ids
 
 
 def decode_completion(tokenizer, ids: Sequence[int]) -> str:

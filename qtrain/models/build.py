@@ -14,12 +14,17 @@ import torch
 
 from qtrain.checkpoint.atomic import atomic_dir
 from qtrain.errors import ConfigError
+from qtrain.models.arch import auto_model_class, config_is_encoder_decoder
 
 FINGERPRINT = "qtrain_base.json"
 
 
 def model_config(from_config: dict[str, Any], tokenizer) -> Any:
-    """A transformers config from the recipe dict; vocab and special ids default to the tokenizer's."""
+    """A transformers config from the recipe dict; vocab and special ids default to the tokenizer's.
+
+    An encoder-decoder model's decoder starts from the pad id unless the dict says otherwise (T5's
+    convention).
+    """
     from transformers import AutoConfig
 
     cfg = dict(from_config)
@@ -31,6 +36,8 @@ def model_config(from_config: dict[str, Any], tokenizer) -> Any:
         config = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"model.from_config: transformers cannot build a {model_type!r} config: {exc}") from None
+    if config_is_encoder_decoder(config) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = tokenizer.pad_token_id
     if config.vocab_size < len(tokenizer):
         raise ConfigError(f"model.from_config.vocab_size: {config.vocab_size} is smaller than the tokenizer's "
                           f"{len(tokenizer)} tokens; remove it to use the tokenizer's size")
@@ -43,8 +50,6 @@ def write_random_base(from_config: dict[str, Any], tokenizer, seed: int, dtype: 
     An existing dir written from the same config, seed and dtype is reused as is; a dir that
     qtrain did not write is never overwritten.
     """
-    from transformers import AutoModelForCausalLM
-
     out = Path(out_dir)
     stamp = {"from_config": from_config, "seed": seed, "dtype": str(dtype).replace("torch.", "")}
     marker = out / FINGERPRINT
@@ -56,7 +61,7 @@ def write_random_base(from_config: dict[str, Any], tokenizer, seed: int, dtype: 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_model_class(config).from_config(config, dtype=dtype)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

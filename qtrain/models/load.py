@@ -5,6 +5,11 @@ real). Tensors are then read one at a time from the safetensors shards: each lin
 will be quantized is read in row chunks and goes straight to NF4 on the target device, so no
 whole bf16 weight is ever materialized; everything else (embeddings, norms, lm_head) is cast to
 the compute dtype and placed. Peak host memory is the quantized model plus one small tensor.
+
+Decoder-only and encoder-decoder (T5 family) models load alike; the skeleton's class comes from
+the config (see arch.py). Linears a model lists in `_keep_in_fp32_modules` (T5's `wo`) stay
+unquantized, as transformers' own 4-bit loading keeps them, and are fp32 when the compute dtype
+is fp16 (transformers' rule: fp16 overflows there).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from qtrain.errors import ModelError
+from qtrain.models.arch import auto_model_class, read_config
 from qtrain.models.safetensors_read import SafetensorsFile
 from qtrain.quant.linear import NF4Linear
 from qtrain.quant.nf4 import NF4Spec, rows_per_chunk
@@ -44,22 +50,35 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[SafetensorsFile, str]]:
                 yield fh, key
 
 
+def keep_in_fp32(model: nn.Module, module_name: str) -> bool:
+    """Whether `module_name` is one of the model's `_keep_in_fp32_modules` (matched as a name suffix)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return any(module_name == k or module_name.endswith("." + k) for k in keep)
+
+
 def quantizable_linears(model: nn.Module) -> set[str]:
-    """Every nn.Linear except the output head (QLoRA keeps lm_head in the compute dtype)."""
+    """Every nn.Linear except the output head (QLoRA keeps lm_head in the compute dtype) and the
+    model's keep-in-fp32 modules."""
     head = model.get_output_embeddings()
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    return {n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m is not head and not keep_in_fp32(model, n)}
+
+
+def param_dtype(model: nn.Module, key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a floating-point tensor `key` is placed in: `dtype`, except fp32 for a keep-in-fp32
+    module under fp16 (as transformers' from_pretrained does)."""
+    if dtype == torch.float16 and keep_in_fp32(model, key.rpartition(".")[0]):
+        return torch.float32
+    return dtype
 
 
 def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model class its config names (causal or seq2seq LM), parameters on the meta device."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - many error types for a bad config.json
-        raise ModelError(f"model.path: cannot read a transformers config from {model_dir}: {exc}") from None
+    config = read_config(model_dir, trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model
 
 
@@ -72,11 +91,15 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     files = shard_files(model_dir)
     model = build_skeleton(model_dir, dtype, trust_remote_code)
     to_quantize = quantizable_linears(model) if quantize is not None else set()
-    params = dict(model.named_parameters())
+    # Every name, tied aliases included (T5's lm_head / encoder.embed_tokens of `shared`): a checkpoint
+    # that holds an alias's own tensor gets it untied, as transformers' from_pretrained does.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
     biases: dict[str, torch.Tensor] = {}
     for fh, key in iter_tensors(files):
         module_name, _, leaf = key.rpartition(".")
         if module_name in to_quantize:
+            loaded.add(key)
             if leaf == "weight":
                 shape = fh.shape(key)
                 rows = rows_per_chunk(shape, quantize.blocksize, CHUNK_ELEMS)
@@ -88,15 +111,25 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
         if key not in params:
             continue  # e.g. rotary tables some checkpoints carry; the model builds its own
         tensor = fh.read(key)
-        value = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+        target = param_dtype(model, key, dtype)
+        value = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
         place_parameter(model, key, value)
+        loaded.add(key)
     for name, bias in biases.items():
         model.get_submodule(name).bias = nn.Parameter(bias, requires_grad=False)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
+    tie_missing(model, set(params) - loaded)
     _check_complete(model, model_dir)
     model.eval()
     return model
+
+
+def tie_missing(model: nn.Module, missing: set[str]) -> None:
+    """Tie the model's tied parameters as from_pretrained does, given the names the checkpoint lacked.
+
+    A tied name absent from the checkpoint shares its partner's tensor; when both are present with
+    different values (e.g. FLAN-T5's own lm_head next to `shared`) they stay separate.
+    """
+    model.tie_weights(missing_keys=missing, recompute_mapping=False)
 
 
 def place_parameter(model: nn.Module, key: str, value: torch.Tensor) -> None:

@@ -50,6 +50,12 @@ class LoRALinear(nn.Module):
         self.adapter_enabled = True
         self._weight_fn = dense_weight_fn(base)
 
+    @property
+    def weight(self):
+        """The frozen base weight when it is dense (None for an NF4 base), for model code that reads
+        `layer.weight` of a linear: T5's feed-forward casts its input to `wo.weight.dtype`."""
+        return getattr(self.base_layer, "weight", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         x = x.to(dtype)

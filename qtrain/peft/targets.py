@@ -1,4 +1,9 @@
-"""Which linear layers get an adapter: PEFT's matching rules, so target lists mean the same there."""
+"""Which linear layers get an adapter: PEFT's matching rules, so target lists mean the same there.
+
+Names are the model's own: Llama-style decoders have q_proj ... down_proj; T5-family
+encoder-decoders have q, k, v, o (self- and cross-attention alike) and wi (or wi_0/wi_1 when
+gated), wo. A list entry matches in the encoder and the decoder alike.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +27,19 @@ def find_targets(model: nn.Module, targets: Union[list[str], str], linear_types:
     names = [n for n, m in model.named_modules() if isinstance(m, linear_types) and matches(n, targets)]
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear_types)})
+        suggested = layer_names(model, linear_types)
+        hint = f"; e.g. peft.targets: [{', '.join(suggested)}]" if suggested else ""
         raise ConfigError(
             f"peft.targets: {targets!r} matches no linear layer of this model; "
-            f"its linear layers are named {', '.join(linear) or '(none)'}"
+            f"its linear layers are named {', '.join(linear) or '(none)'}{hint}"
         )
     return names
+
+
+def layer_names(model: nn.Module, linear_types: tuple[type, ...]) -> list[str]:
+    """The distinct last names of the model's linear layers, output head excluded: the list that
+    targets every adaptable linear (T5 v1.1: k, o, q, v, wi_0, wi_1, wo)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, linear_types) and m is not head})

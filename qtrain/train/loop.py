@@ -14,10 +14,13 @@ from qtrain.data import BatchStream, collate
 from qtrain.distributed import ddp
 from qtrain.distributed import deepspeed as ds
 from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
+from qtrain.eval.perplexity import nll_sum
+from qtrain.models.arch import collate_start_id
 from qtrain.train.checkpointing import save_checkpoint
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import PreemptFlag
-from qtrain.train.loss import causal_lm_loss_sum, causal_lm_loss_sum_fused, count_trained_tokens
+from qtrain.train.loss import (batch_logits, batch_loss_sum, batch_trained_tokens, causal_lm_loss_sum_fused,
+                               is_seq2seq_batch)
 from qtrain.train.metrics import MetricsLog
 from qtrain.train.setup import Session
 
@@ -63,13 +66,26 @@ def _batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _collate(s: Session, examples) -> dict[str, torch.Tensor]:
+    """A device batch of `examples` (decoder-only, or encoder-decoder pairs for a T5-family model)."""
+    return _batch_to(collate(examples, s.tokenizer.pad_token_id, collate_start_id(s.model)), s.device)
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real tokens the model processed: the input's, plus an encoder-decoder's decoder targets."""
+    tokens = int(batch["attention_mask"].sum())
+    if is_seq2seq_batch(batch):
+        tokens += batch_trained_tokens(batch)
+    return tokens
+
+
 def loss_sum_of(s: Session, batch: dict[str, torch.Tensor], model=None) -> torch.Tensor:
-    if s.fused_ce_backend is not None:
+    if s.fused_ce_backend is not None and not is_seq2seq_batch(batch):  # the fused loss is causal-LM only
         with _autocast(s):
             return causal_lm_loss_sum_fused(s.model, batch, s.fused_ce_backend)
     with _autocast(s):
-        logits = (model or s.model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return causal_lm_loss_sum(logits, batch["labels"])
+        logits = batch_logits(model or s.model, batch)
+    return batch_loss_sum(logits, batch)
 
 
 def _accumulating(s: Session, last: bool):
@@ -86,9 +102,8 @@ def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False)
     keeps its last good values; the caller applies the recipe's policy.
     """
     t0 = time.perf_counter()
-    pad = s.tokenizer.pad_token_id
-    batches = [_batch_to(collate([s.data.train[i] for i in idx], pad), s.device) for idx in micro_batches]
-    local_trained = sum(count_trained_tokens(b["labels"]) for b in batches)
+    batches = [_collate(s, [s.data.train[i] for i in idx]) for idx in micro_batches]
+    local_trained = sum(batch_trained_tokens(b) for b in batches)
     (global_trained,) = ddp.all_reduce_sum([float(local_trained)], s.device)
     n_trained = max(1.0, global_trained)
     # DDP averages gradients over ranks; scaling by world size makes the result the gradient of
@@ -123,7 +138,7 @@ def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False)
         s.optimizer.zero_grad(set_to_none=True)
     if finite:
         s.scheduler.step()
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    tokens = sum(batch_tokens(b) for b in batches)
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
     return StepResult(loss, grad_norm, tokens, time.perf_counter() - t0, skipped=not finite)
@@ -131,7 +146,7 @@ def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False)
 
 @torch.no_grad()
 def evaluate(s: Session, flag: PreemptFlag | None = None) -> float | None:
-    """Mean next-token NLL over the eval split (None without one, or if preempted meanwhile)."""
+    """Mean NLL per trained token over the eval split (None without one, or if preempted meanwhile)."""
     examples = s.data.eval
     if not examples:
         return None
@@ -140,16 +155,14 @@ def evaluate(s: Session, flag: PreemptFlag | None = None) -> float | None:
     if s.recipe.train.eval_batches:
         chunks = chunks[: s.recipe.train.eval_batches]
     s.model.eval()
-    total, count = 0.0, 0
     try:
-        for chunk in chunks:
-            if flag:
-                return None
-            batch = _batch_to(collate(chunk, s.tokenizer.pad_token_id), s.device)
-            total += float(loss_sum_of(s, batch))
-            count += count_trained_tokens(batch["labels"])
+        result = nll_sum(chunks, lambda chunk: _collate(s, chunk), lambda batch: loss_sum_of(s, batch),
+                         stop=lambda: bool(flag))
     finally:
         s.model.train()
+    if result is None:
+        return None
+    total, count = result
     return total / max(1, count)
 
 

@@ -1,4 +1,10 @@
-"""Causal-LM loss as a token *sum*, so accumulation and data parallelism weight every token equally."""
+"""LM loss as a token *sum*, so accumulation and data parallelism weight every token equally.
+
+Decoder-only (causal) models: logits[t] predict labels[t + 1]. Encoder-decoder models (a batch
+with `decoder_input_ids`, see data.collate_seq2seq): the decoder reads the labels shifted right,
+so logits[t] predict labels[t], unshifted. `batch_loss_sum` / `batch_trained_tokens` pick the
+right one from the batch.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,35 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
-def count_trained_tokens(labels: torch.Tensor) -> int:
-    """Tokens that contribute to the loss: labels shifted by one, ignoring IGNORE_INDEX."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+def count_trained_tokens(labels: torch.Tensor, encoder_decoder: bool = False) -> int:
+    """Tokens that contribute to the loss, ignoring IGNORE_INDEX: labels shifted by one for a causal
+    model, all of them for an encoder-decoder model."""
+    trained = labels if encoder_decoder else labels[:, 1:]
+    return int((trained != IGNORE_INDEX).sum())
+
+
+def is_seq2seq_batch(batch: dict[str, torch.Tensor]) -> bool:
+    return "decoder_input_ids" in batch
+
+
+def batch_trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """`count_trained_tokens` of a collated batch, for the architecture it was collated for."""
+    return count_trained_tokens(batch["labels"], encoder_decoder=is_seq2seq_batch(batch))
+
+
+def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits for a collated batch: the causal LM's over input_ids, or the decoder's."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if is_seq2seq_batch(batch):
+        kwargs["decoder_input_ids"] = batch["decoder_input_ids"]
+    return model(**kwargs).logits
+
+
+def batch_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The token-sum loss of `logits` (from `batch_logits`) against the batch's labels."""
+    if is_seq2seq_batch(batch):
+        return seq2seq_lm_loss_sum(logits, batch["labels"])
+    return causal_lm_loss_sum(logits, batch["labels"])
 
 
 def fused_ce_supported(model: nn.Module) -> bool:
@@ -38,4 +70,10 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def seq2seq_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropy in fp32 of decoder logits against their own (unshifted) labels."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")

@@ -18,6 +18,7 @@ from qtrain.distributed import ddp
 from qtrain.distributed import deepspeed as ds
 from qtrain.distributed.env import DistEnv
 from qtrain.errors import ConfigError
+from qtrain.models.arch import is_encoder_decoder
 from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
 from qtrain.models.tokenizer import load_tokenizer
@@ -128,7 +129,7 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
         torch.use_deterministic_algorithms(True)
     device = env.device()
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    data = build_datasets(recipe.data, tokenizer, recipe.seed)
+    data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=is_encoder_decoder(recipe.model))
     base_dir = resolve_base_dir(recipe, tokenizer, env)
     torch.manual_seed(recipe.seed)  # LoRA A init
     model, names = build_model(recipe, base_dir, device)
