@@ -2,13 +2,14 @@
 
 Each trained variant is the recipe with a few keys changed (below), run as its own
 `qtrain train` process, so its peak memory and time are its own; every variant shares one base
-(the recipe's `model.path`, or one `from_config` base written once under `<output_dir>/base`).
+(the recipe's `model.path`, or one `from_config` base written once to `<output_dir>/base_model`).
 Then each is evaluated in this process (`qtrain eval`'s code: eval loss and, for summarization
 and instruction data, greedy generation + ROUGE), and `report.md`, `compare.json` and the plots
 go to the recipe's `output_dir`:
 
     <output_dir>/{full,lora,qlora}/   each variant's training run (adapter/ or model/, metrics, summary)
-    <output_dir>/base/                the shared random-init base (with model.from_config)
+    <output_dir>/{base,...}/          each variant's eval.json and eval_generations.jsonl
+    <output_dir>/base_model/          the shared random-init base (with model.from_config)
     <output_dir>/report.md, compare.json, loss_curves.png, rouge.png
 """
 
@@ -43,7 +44,7 @@ def variant_overrides(variant: str, recipe: Recipe) -> list[str]:
 
 def shared_base(recipe: Recipe, out: Path) -> list[str]:
     """Point every variant at one base: a `from_config` base is written once, under the compare dir."""
-    return [f"model.base_dir={out / 'base'}"] if recipe.model.from_config is not None else []
+    return [f"model.base_dir={out / 'base_model'}"] if recipe.model.from_config is not None else []
 
 
 def dir_bytes(path: Path) -> int:
@@ -78,21 +79,14 @@ def train_variant(recipe_path: str, overrides: list[str], variant: str, recipe: 
                                        "tokens_per_s", "final_train_loss", "steps", "device")}}
 
 
-def eval_overrides(variant: str, recipe: Recipe, out: Path) -> list[str]:
-    if variant == "full":  # the fine-tuned model dir is the model; no adapter
-        model_dir = out / "full" / "model"
-        return [f"model.path={model_dir}", "model.from_config=null", "model.tokenizer=null",
-                "model.base_dir=null", "quant.method=none", "peft.method=lora"]
-    return [*shared_base(recipe, out), *variant_overrides(variant, recipe)]
-
-
 def eval_variant(recipe_path: str, overrides: list[str], variant: str, recipe: Recipe, out: Path) -> dict[str, Any]:
     from qtrain.eval.run import EvalOptions, evaluate_recipe
     from qtrain.infer.sampling import SamplingConfig
 
-    r = load_recipe(recipe_path, [*overrides, *eval_overrides(variant, recipe, out)])
-    adapter = str(out / variant / "adapter") if variant in ("lora", "qlora") else None
-    opts = EvalOptions(adapter=adapter, no_adapter=adapter is None, out_dir=str(out / variant),
+    r = load_recipe(recipe_path, [*overrides, *shared_base(recipe, out), *variant_overrides(variant, recipe),
+                                  f"output_dir={out / variant}"])
+    # full: the run's model/ dir; lora/qlora: the run's adapter/ over the shared base; base: no adapter.
+    opts = EvalOptions(no_adapter=variant == "base", out_dir=str(out / variant),
                        max_gen_rows=recipe.compare.max_gen_rows,
                        sampling=SamplingConfig(max_new_tokens=recipe.compare.max_new_tokens))
     report = evaluate_recipe(r, opts, recipe_path)
@@ -120,7 +114,7 @@ def compare(recipe_path: str, overrides: list[str]) -> Path:
     t = recipe.train
     context = {"recipe": recipe_path, "overrides": overrides, "data": recipe.data.path, "steps": t.max_steps,
                "global_batch": t.micro_batch_size * t.grad_accum, "seed": recipe.seed,
-               "base": recipe.model.path or f"{out / 'base'} (random init from model.from_config, seed {recipe.seed})",
+               "base": recipe.model.path or f"{out / 'base_model'} (random init from model.from_config, seed {recipe.seed})",
                "device": next((r["device"] for r in ordered if r.get("device")), "cpu"),
                "gen_rows": max((r.get("generated_rows", 0) for r in ordered), default=0)}
     return write_report(out, ordered, context)

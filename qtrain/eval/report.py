@@ -120,7 +120,8 @@ def plot_rouge(results: list[dict[str, Any]], path: Path) -> Optional[Path]:
     width = 0.8 / len(scored)
     for i, r in enumerate(scored):
         xs = [k + (i - (len(scored) - 1) / 2) * width for k in range(len(ROUGE_TYPES))]
-        ax.bar(xs, [r["rouge"][k] for k in ROUGE_TYPES], width, label=LABELS.get(r["variant"], r["variant"]))
+        bars = ax.bar(xs, [r["rouge"][k] for k in ROUGE_TYPES], width, label=LABELS.get(r["variant"], r["variant"]))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax.set_xticks(range(len(ROUGE_TYPES)), [ROUGE_NAMES[k] for k in ROUGE_TYPES])
     ax.set_ylabel("F1")
     ax.set_ylim(0, 1)

@@ -69,11 +69,12 @@ def test_figures_are_the_runs_own(compared):
 
 
 def test_shared_base_is_written_once(compared):
-    assert (compared / "base" / "model.safetensors").is_file()
+    assert (compared / "base_model" / "model.safetensors").is_file()
+    assert not (compared / "base" / "model.safetensors").exists()  # the base variant's dir holds its eval only
     for variant in ("full", "lora", "qlora"):
         assert not (compared / variant / "base").exists()
     adapter_cfg = json.loads((compared / "lora" / "adapter" / "adapter_config.json").read_text())
-    assert Path(adapter_cfg["base_model_name_or_path"]) == (compared / "base").resolve()
+    assert Path(adapter_cfg["base_model_name_or_path"]) == (compared / "base_model").resolve()
 
 
 def test_bad_variant_is_a_config_error_before_any_work(tmp_path):

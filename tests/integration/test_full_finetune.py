@@ -97,3 +97,14 @@ def test_full_fine_tuning_under_ddp_equals_one_process(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_eval_of_a_full_run_loads_its_model_dir(finished):
+    proc = subprocess.run([sys.executable, "-m", "qtrain", "eval", "configs/quickstart.yaml", f"output_dir={finished}",
+                           *TINY, *FULL, "--no-generate"], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((finished / "eval.json").read_text())
+    assert report["base"] == str(finished / "model") and report["adapter"] is None
+    summary = json.loads((finished / "summary.json").read_text())
+    assert report["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
