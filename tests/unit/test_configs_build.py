@@ -12,11 +12,17 @@ from qtrain.train.setup import prepare
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-TINY = ["model.path=null", "model.from_config.model_type=llama", "model.from_config.hidden_size=64",
-        "model.from_config.intermediate_size=160", "model.from_config.num_hidden_layers=1",
-        "model.from_config.num_attention_heads=4", "model.from_config.num_key_value_heads=2",
-        f"model.tokenizer={REPO / 'data/quickstart/tokenizer'}", "data.max_len=192",
-        "train.micro_batch_size=2", "train.grad_accum=1", "train.max_steps=1"]
+COMMON = ["model.path=null", f"model.tokenizer={REPO / 'data/quickstart/tokenizer'}", "data.max_len=192",
+          "train.micro_batch_size=2", "train.grad_accum=1", "train.max_steps=1"]
+# A recipe's own architecture at tiny size: T5 recipes stay T5, everything else becomes a tiny Llama.
+TINY = {
+    "llama": ["model.from_config.model_type=llama", "model.from_config.hidden_size=64",
+              "model.from_config.intermediate_size=160", "model.from_config.num_hidden_layers=1",
+              "model.from_config.num_attention_heads=4", "model.from_config.num_key_value_heads=2"],
+    "t5": ["model.from_config.d_model=64", "model.from_config.d_ff=128", "model.from_config.d_kv=16",
+           "model.from_config.num_heads=4", "model.from_config.num_layers=1",
+           "model.from_config.num_decoder_layers=1"],
+}
 
 
 def test_the_configs_dir_is_not_empty():
@@ -43,8 +49,11 @@ def _data_for(fmt: str, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_builds_and_steps_at_tiny_size(path, tmp_path):
-    fmt = load_recipe(path).data.format
-    recipe = load_recipe(path, TINY + [f"output_dir={tmp_path / 'run'}", f"data.path={_data_for(fmt, tmp_path)}"])
+    shipped = load_recipe(path)
+    arch = "t5" if (shipped.model.from_config or {}).get("model_type") == "t5" else "llama"
+    overrides = COMMON + TINY[arch] + [f"output_dir={tmp_path / 'run'}",
+                                       f"data.path={_data_for(shipped.data.format, tmp_path)}"]
+    recipe = load_recipe(path, overrides)
     session = prepare(recipe, DistEnv())
     before = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
     result = train_step(session, [[0, 1]])
