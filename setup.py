@@ -12,7 +12,7 @@ setup(
     install_requires=[
         # CPU-only machines: `pip install torch==2.13.0` first (a bare `torch` pulls CUDA wheels).
         "torch>=2.4",
-        "transformers>=4.56",
+        "transformers>=5.0",  # the loader ties weights through the v5 tie_weights(missing_keys=...) API
         "accelerate>=1.0",
         "bitsandbytes>=0.46",
         "datasets>=3.0",
