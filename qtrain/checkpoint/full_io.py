@@ -63,15 +63,28 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 def save_model_dir(model: nn.Module, tokenizer, dtype: torch.dtype, out_dir: str | Path) -> Path:
     """Write the fine-tuned model as a normal HF dir (sharded safetensors + config + tokenizer), atomically."""
-    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().to("cpu")
-             for k, v in model.state_dict().items()}
+    state = cast_state(model.state_dict(), dtype)
     _check_finite({k: v for k, v in state.items() if v.is_floating_point()}, Path(out_dir))
     with atomic_dir(out_dir) as tmp:
-        previous = model.config.dtype
-        model.config.dtype = dtype
+        # What the saved config says: the saved dtype, and the KV cache on (training turned it off).
+        previous = model.config.dtype, model.config.use_cache
+        model.config.dtype, model.config.use_cache = dtype, True
         try:
             model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         finally:
-            model.config.dtype = previous
+            model.config.dtype, model.config.use_cache = previous
         tokenizer.save_pretrained(str(tmp))
     return Path(out_dir)
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` on CPU with floating tensors in `dtype`; names that share one tensor (tied weights)
+    still share one cast copy, so save_pretrained writes it once."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, value in state.items():
+        key = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if key not in copies:
+            copies[key] = value.detach().to("cpu", dtype) if value.is_floating_point() else value.detach().to("cpu")
+        out[name] = copies[key]
+    return out

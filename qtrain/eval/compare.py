@@ -64,7 +64,7 @@ def train_variant(recipe_path: str, overrides: list[str], variant: str, recipe: 
     proc = subprocess.run(cmd)
     seconds = time.perf_counter() - t0
     if proc.returncode == 2:
-        raise ConfigError(f"compare: training the {variant!r} variant was refused (message above); "
+        raise ConfigError(f"compare: training the {variant!r} variant failed with a user error (message above); "
                           f"its keys: {' '.join(variant_overrides(variant, recipe))}")
     if proc.returncode != 0:
         raise TrainingStopped(f"compare: training the {variant!r} variant stopped with exit code {proc.returncode} "
@@ -109,12 +109,12 @@ def compare(recipe_path: str, overrides: list[str]) -> Path:
         _say(f"compare: [{i}/{len(variants)}] evaluating {variant}")
         results[variant].update(eval_variant(recipe_path, overrides, variant, recipe, out))
     ordered = [results[v] for v in variants]
-    plot_loss_curves({v: results[v].get("curve", []) for v in trained}, out / "loss_curves.png")
-    plot_rouge(ordered, out / "rouge.png")
+    plots = [plot_loss_curves({v: results[v].get("curve", []) for v in trained}, out / "loss_curves.png"),
+             plot_rouge(ordered, out / "rouge.png")]
     t = recipe.train
     context = {"recipe": recipe_path, "overrides": overrides, "data": recipe.data.path, "steps": t.max_steps,
                "global_batch": t.micro_batch_size * t.grad_accum, "seed": recipe.seed,
                "base": recipe.model.path or f"{out / 'base_model'} (random init from model.from_config, seed {recipe.seed})",
                "device": next((r["device"] for r in ordered if r.get("device")), "cpu"),
                "gen_rows": max((r.get("generated_rows", 0) for r in ordered), default=0)}
-    return write_report(out, ordered, context)
+    return write_report(out, ordered, context, [p for p in plots if p is not None])

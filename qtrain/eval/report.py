@@ -60,11 +60,10 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out_dir: Path, results: list[dict[str, Any]], context: dict[str, Any]) -> Path:
-    """Write report.md and compare.json into `out_dir`; returns the report's path."""
+def write_report(out_dir: Path, results: list[dict[str, Any]], context: dict[str, Any], plots: list[Path]) -> Path:
+    """Write report.md (linking `plots`, files in `out_dir`) and compare.json; returns the report's path."""
     from qtrain.checkpoint.atomic import atomic_write_text
 
-    plots = [p for p in ("loss_curves.png", "rouge.png") if (out_dir / p).is_file()]
     lines = [f"# qtrain compare: {context['recipe']}", "",
              f"Same data ({context['data']}), same budget ({context['steps']} steps of "
              f"{context['global_batch']} sequences), same base ({context['base']}), device {context['device']}.", "",
@@ -76,7 +75,7 @@ def write_report(out_dir: Path, results: list[dict[str, Any]], context: dict[str
              "wall clock of the whole training run, model loading included.",
              f"- eval loss: mean token NLL over the eval split; ROUGE: F1 (rouge-score, stemming) of greedy "
              f"generations for {context['gen_rows']} eval rows.", ""]
-    lines += [f"![{p}]({p})" for p in plots]
+    lines += [f"![{p.name}]({p.name})" for p in plots]
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
     atomic_write_text(out_dir / "compare.json", json.dumps({"context": context, "results": results}, indent=2) + "\n")
@@ -93,9 +92,11 @@ def _figure(width: float = 7.0, height: float = 4.2):
 
 
 def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Optional[Path]:
-    """Training loss against step, one line per trained variant; None when there is nothing to draw."""
+    """Training loss against step, one line per trained variant; None (and no file at `path`) when there
+    is nothing to draw."""
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
+        path.unlink(missing_ok=True)  # never leave an earlier run's plot behind
         return None
     fig, ax = _figure()
     for variant, points in curves.items():
@@ -112,9 +113,10 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> 
 
 
 def plot_rouge(results: list[dict[str, Any]], path: Path) -> Optional[Path]:
-    """Grouped bars: ROUGE-1/2/L/Lsum per variant; None when no variant has ROUGE."""
+    """Grouped bars: ROUGE-1/2/L/Lsum per variant; None (and no file at `path`) when no variant has ROUGE."""
     scored = [r for r in results if r.get("rouge")]
     if not scored:
+        path.unlink(missing_ok=True)
         return None
     fig, ax = _figure()
     width = 0.8 / len(scored)

@@ -62,10 +62,15 @@ def kernel_backend(recipe: Recipe) -> str:
 
 def fused_ce_backend(recipe: Recipe, model: nn.Module, forward_model: nn.Module) -> str | None:
     """"triton" when the fused linear + cross-entropy replaces the logits: `kernels: triton`, a plain
-    lm_head, and one process (under DDP/DeepSpeed the forward must go through their wrapper)."""
+    lm_head, a decoder-only LoRA run, and one process (under DDP/DeepSpeed the forward must go
+    through their wrapper)."""
     if kernel_backend(recipe) != "triton" or forward_model is not model or not fused_ce_supported(model):
         return None
     if getattr(model.config, "is_encoder_decoder", False):  # the fused loss is written for decoder-only LMs
+        return None
+    if recipe.peft.method == "full":
+        # Full fine-tuning trains the head from fp32 master weights under autocast; the fused loss
+        # accumulates dW in the compute dtype and assumes a frozen head in it.
         return None
     return "triton"
 

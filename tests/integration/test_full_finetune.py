@@ -108,3 +108,25 @@ def test_eval_of_a_full_run_loads_its_model_dir(finished):
     assert report["base"] == str(finished / "model") and report["adapter"] is None
     summary = json.loads((finished / "summary.json").read_text())
     assert report["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-6)
+
+
+def test_saved_model_keeps_tied_weights_tied():
+    from qtrain.checkpoint.full_io import cast_state
+
+    shared, other = torch.randn(4, 3), torch.randn(4, 3)
+    state = cast_state({"embed.weight": shared, "lm_head.weight": shared, "other.weight": other,
+                        "steps": torch.tensor([3])}, torch.bfloat16)
+    assert state["embed.weight"] is state["lm_head.weight"] and state["embed.weight"].dtype == torch.bfloat16
+    assert state["other.weight"] is not state["embed.weight"] and state["steps"].dtype == torch.int64
+    torch.testing.assert_close(state["other.weight"], other.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_full_fine_tuning_with_triton_kernels_trains_on_the_logits_path(tmp_path):
+    # The fused linear + cross-entropy assumes a frozen head in the compute dtype; full fine-tuning
+    # trains an fp32 head under bf16 autocast, so it must stay on the logits path (it crashed before).
+    cmd = [sys.executable, "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={tmp_path / 'run'}",
+           *TINY, *FULL, "model.dtype=bfloat16", "kernels=triton", "train.max_steps=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**clean_env(), "TRITON_INTERPRET": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1

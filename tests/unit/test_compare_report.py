@@ -40,6 +40,8 @@ def test_human_bytes():
 
 
 def test_plots_are_written_only_when_there_is_something_to_draw(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"an earlier run's plot")
+    (tmp_path / "b.png").write_bytes(b"an earlier run's plot")
     assert plot_loss_curves({"full": []}, tmp_path / "a.png") is None
     assert plot_rouge([r for r in results() if r["variant"] == "qlora"], tmp_path / "b.png") is None
     assert plot_loss_curves({"full": [(1, 3.0), (2, 2.0)], "lora": [(1, 3.1)]}, tmp_path / "c.png").is_file()
