@@ -66,14 +66,12 @@ def causal_lm_loss_sum_fused(model: nn.Module, batch: dict[str, torch.Tensor], b
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy in fp32 over positions whose label is not ignored."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    """Sum of next-token cross-entropy in fp32 over positions whose label is not ignored: the
+    aligned loss below once position t is paired with label t + 1."""
+    return seq2seq_lm_loss_sum(logits[:, :-1, :], labels[:, 1:])
 
 
 def seq2seq_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of cross-entropy in fp32 of decoder logits against their own (unshifted) labels."""
+    """Sum of cross-entropy in fp32 of logits against their own (unshifted) labels, ignoring -100."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
