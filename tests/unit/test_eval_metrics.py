@@ -19,7 +19,8 @@ from qtrain.eval.rouge import ROUGE_TYPES, rouge_scores
 from qtrain.eval.run import EvalOptions, evaluate_recipe
 from qtrain.infer.sampling import SamplingConfig
 from qtrain.models.load import load_model
-from qtrain.peft.inject import inject_lora, lora_modules
+from qtrain.peft.inject import inject_lora
+from lora_helpers import randomize_lora_b
 
 CPU = torch.device("cpu")
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "data" / "quickstart" / "tokenizer"
@@ -62,10 +63,7 @@ def _adapter_for(recipe, tokenizer, out) -> str:
     base = resolve_base_dir(recipe, tokenizer)
     model = load_model(base, torch.float32, CPU, None)
     inject_lora(model, recipe.peft)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for mod in lora_modules(model).values():
-            mod.lora_B.weight.normal_(std=0.1, generator=g)
+    randomize_lora_b(model, seed=2, std=0.1)
     save_adapter(model, recipe.peft, str(base), out)
     return str(out), model
 

@@ -12,8 +12,9 @@ from qtrain.infer.adapters import AdapterSet
 from qtrain.infer.multi_lora import MultiLoRALinear, convert_lora_model
 from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
-from qtrain.peft.inject import inject_lora, lora_modules
+from qtrain.peft.inject import inject_lora
 from qtrain.quant.nf4 import NF4Spec
+from lora_helpers import randomize_lora_b
 
 CPU = torch.device("cpu")
 IDS = torch.randint(3, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -33,10 +34,7 @@ def _logits(model, ids=IDS):
 def _trained_lora(base_dir, cfg: PeftConfig, seed: int):
     model = _load(base_dir)
     inject_lora(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in lora_modules(model).values():
-            mod.lora_B.weight.normal_(std=0.05, generator=g)
+    randomize_lora_b(model, seed=seed, std=0.05)
     return model
 
 

@@ -17,7 +17,8 @@ from qtrain.infer.merge import MergeOptions, merge_to_dir
 from qtrain.infer.prompts import encode_prompt, read_prompt_rows
 from qtrain.infer.sampling import SamplingConfig, next_tokens, top_p_filter
 from qtrain.models.load import load_model
-from qtrain.peft.inject import inject_lora, lora_modules
+from qtrain.peft.inject import inject_lora
+from lora_helpers import randomize_lora_b
 
 CPU = torch.device("cpu")
 FP32 = BaseOptions(dtype=torch.float32, quant=None)
@@ -29,10 +30,7 @@ def adapter_dir(tiny_base_dir, tmp_path_factory) -> str:
     model = load_model(tiny_base_dir, torch.float32, CPU, None)
     cfg = PeftConfig(r=8, alpha=16)
     inject_lora(model, cfg)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for mod in lora_modules(model).values():
-            mod.lora_B.weight.normal_(std=0.1, generator=g)
+    randomize_lora_b(model, seed=3, std=0.1)
     return str(save_adapter(model, cfg, str(tiny_base_dir), tmp_path_factory.mktemp("gen") / "adapter"))
 
 

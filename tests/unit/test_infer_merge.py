@@ -14,8 +14,9 @@ from qtrain.infer.load import BaseOptions, load_with_adapters
 from qtrain.infer.merge import MARKER, MergeOptions, merge_to_dir
 from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
-from qtrain.peft.inject import inject_lora, lora_modules
+from qtrain.peft.inject import inject_lora
 from qtrain.quant.nf4 import NF4Spec
+from lora_helpers import randomize_lora_b
 
 CPU = torch.device("cpu")
 IDS = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -28,10 +29,7 @@ def adapter_dir(tiny_base_dir, tmp_path_factory) -> str:
     model = load_model(tiny_base_dir, torch.float32, CPU, None)
     cfg = PeftConfig(r=8, alpha=16, targets=["q_proj", "v_proj", "up_proj", "down_proj"])
     inject_lora(model, cfg)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for mod in lora_modules(model).values():
-            mod.lora_B.weight.normal_(std=0.1, generator=g)
+    randomize_lora_b(model, seed=5, std=0.1)
     return str(save_adapter(model, cfg, str(tiny_base_dir), tmp_path_factory.mktemp("merge") / "adapter"))
 
 

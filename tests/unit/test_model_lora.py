@@ -9,9 +9,10 @@ from qtrain.checkpoint.adapter_io import save_adapter
 from qtrain.config.schema import PeftConfig
 from qtrain.errors import ConfigError
 from qtrain.models.load import load_model
-from qtrain.peft.inject import inject_lora, lora_modules
+from qtrain.peft.inject import inject_lora
 from qtrain.quant.linear import NF4Linear
 from qtrain.quant.nf4 import NF4Spec
+from lora_helpers import randomize_lora_b
 
 CPU = torch.device("cpu")
 IDS = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -27,10 +28,7 @@ def _logits(model):
 
 
 def _randomize_b(model, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in lora_modules(model).values():
-            mod.lora_B.weight.normal_(std=0.05, generator=g)
+    randomize_lora_b(model, seed, std=0.05)
 
 
 def test_default_targets_wrap_seven_linears_per_layer(tiny_base_dir):

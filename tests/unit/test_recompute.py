@@ -7,6 +7,7 @@ from qtrain.config import recipe_from_dict
 from qtrain.peft.inject import lora_modules
 from qtrain.train.loss import causal_lm_loss_sum
 from qtrain.train.setup import build_model
+from lora_helpers import randomize_lora_b
 
 IDS = torch.randint(3, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
 
@@ -20,10 +21,7 @@ def _grads(base_dir, tmp_path, checkpointing: bool, recompute: str, quant: str):
     torch.manual_seed(0)
     model, _ = build_model(recipe, base_dir, torch.device("cpu"))
     model.train()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in lora_modules(model).values():
-            mod.lora_B.weight.normal_(std=0.02, generator=g)
+    randomize_lora_b(model, seed=1, std=0.02)
     loss = causal_lm_loss_sum(model(input_ids=IDS).logits, IDS)
     loss.backward()
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -33,10 +33,11 @@ from qtrain.infer.sampling import SamplingConfig
 from qtrain.models.arch import auto_model_class, is_encoder_decoder, read_config
 from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
-from qtrain.peft.inject import inject_lora, lora_modules
+from qtrain.peft.inject import inject_lora
 from qtrain.quant.linear import NF4Linear
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.train.loss import count_trained_tokens, seq2seq_lm_loss_sum
+from lora_helpers import randomize_lora_b
 
 CPU = torch.device("cpu")
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "data" / "quickstart" / "tokenizer"
@@ -82,10 +83,7 @@ def _logits(model, enc=ENC, dec=DEC):
 
 
 def _randomize_b(model, seed: int = 1, std: float = 0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in lora_modules(model).values():
-            mod.lora_B.weight.normal_(std=std, generator=g)
+    randomize_lora_b(model, seed, std)
 
 
 def _adapter(base_dir, out, targets=ATTN_FF, seed=1, std=0.1) -> str:
