@@ -1,10 +1,11 @@
-"""`qtrain train|generate|merge|eval ...`.
+"""`qtrain train|generate|merge|eval|compare|plan ...`.
 
     qtrain train RECIPE [key.sub=value ...]
     qtrain generate --adapter DIR [--adapter NAME=DIR ...] (--prompt TEXT | --input FILE.jsonl) [...]
     qtrain merge --adapter DIR --out DIR [--dtype bf16|fp16|fp32] [...]
     qtrain eval RECIPE [--adapter DIR | --no-adapter] [key.sub=value ...]
     qtrain compare RECIPE [key.sub=value ...]
+    qtrain plan RECIPE [--gpus N] [--gpu-mem 24GiB] [--engine E] [--device cpu|cuda] [--json] [key.sub=value ...]
 
 User errors (`QtrainError`) print one message and exit with code 2, without a traceback.
 """
@@ -32,7 +33,22 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="base vs full fine-tune vs LoRA vs QLoRA on one recipe: report.md + plots")
     c.add_argument("recipe", help="path of the YAML recipe (its compare: section picks variants and scoring)")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys, as for train")
+    _add_plan(sub)
     return p
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="per-device memory of a recipe's run, from config.json only: fits or not, and how")
+    p.add_argument("recipe", help="path of the YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys, as for train")
+    p.add_argument("--gpus", type=int, default=1, help="processes, one device each (default 1)")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="memory per device, e.g. 24GiB, 80GB, 81920MiB "
+                   "(default: the visible GPU's, or this machine's RAM with --device cpu)")
+    p.add_argument("--engine", default="auto", choices=("auto", "plain", "ddp", "zero1", "zero2", "zero3", "fsdp"),
+                   help="default: what the recipe's distributed section gives on --gpus processes")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when a GPU is visible or --gpu-mem is given, else cpu")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def _add_base_options(p: argparse.ArgumentParser, dtype_flag: str, dtype_help: str) -> None:
@@ -154,6 +170,19 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from qtrain.config import load_recipe
+    from qtrain.plan import plan_recipe, suggestions
+    from qtrain.plan.planner import resolve_target
+    from qtrain.plan.render import to_json_text, to_text
+
+    target = resolve_target(args.device, args.gpus, args.gpu_mem)  # a bad --gpu-mem fails before the recipe
+    plan = plan_recipe(load_recipe(args.recipe, args.overrides), target, args.engine)
+    found = suggestions(plan)
+    print(to_json_text(plan, found) if args.json else to_text(plan, found, args.recipe))
+    return 0
+
+
 def _quiet_optional_backends() -> None:
     """bitsandbytes warns at import that an optional CPU kernel package (`kernels`) is missing;
     qtrain never uses that path, so the CLI keeps it off the user's terminal."""
@@ -161,12 +190,12 @@ def _quiet_optional_backends() -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    """Parse; `eval` also takes key=value overrides after its options (argparse alone would refuse
-    `qtrain eval R --no-generate a=b`, since the overrides positional was already consumed)."""
+    """Parse; `eval` and `plan` also take key=value overrides after their options (argparse alone
+    would refuse `qtrain eval R --no-generate a=b`, since the overrides positional was already consumed)."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command == "eval" and not any(e.startswith("-") for e in extra):
+        if args.command in ("eval", "plan") and not any(e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -177,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     _quiet_optional_backends()
     try:
-        commands = {"train": _train, "generate": _generate, "merge": _merge, "eval": _eval, "compare": _compare}
+        commands = {"train": _train, "generate": _generate, "merge": _merge, "eval": _eval, "compare": _compare,
+                    "plan": _plan}
         return commands[args.command](args)
     except QtrainError as exc:
         print(f"qtrain: {exc.kind}: {exc}", file=sys.stderr)
