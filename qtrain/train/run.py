@@ -19,6 +19,7 @@ from qtrain.distributed import deepspeed as ds
 from qtrain.distributed.ddp import process_group
 from qtrain.distributed.env import read_env
 from qtrain.errors import EXIT_PREEMPTED, QtrainError, TrainingStopped
+from qtrain.plan.planner import run_estimate
 from qtrain.train.checkpointing import checkpoint_optimizer
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import catch_preemption
@@ -50,7 +51,8 @@ def _header(s: Session) -> str:
     what = ("full fine-tuning (fp32 master weights)" if r.peft.method == "full"
             else f"LoRA r={r.peft.r} on {len(s.target_names)} layers")
     return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
-            f"of {total:,} params ({100 * trainable / total:.3f}%)\n{s.data.report.summary_line()}")
+            f"of {total:,} params ({100 * trainable / total:.3f}%)\n{s.data.report.summary_line()}\n"
+            f"{run_estimate(r, s.base_dir, s.env.world_size, s.device.type).line}")
 
 
 def artifact_dir(recipe: Recipe) -> Path:
@@ -70,6 +72,7 @@ def build_summary(s: Session, state: RunState) -> dict:
         "median_step_s": median_step_s(state.step_times),
         "tokens_per_s": sum(tokens) / sum(times) if times and sum(times) > 0 else None,
         "peak_memory_mib": round(peak_memory_mib(s.device), 1),
+        "planned_peak_memory_mib": run_estimate(s.recipe, s.base_dir, s.env.world_size, s.device.type).peak_mib,
         "final_train_loss": state.last_loss,
         "final_eval_loss": state.last_eval_loss,
         "nonfinite_steps_skipped": state.nonfinite_total,
