@@ -92,13 +92,18 @@ def transformers_config(recipe: Recipe) -> Any:
     return model_config(m.from_config, load_tokenizer(m.tokenizer, trust_remote_code=m.trust_remote_code))
 
 
-def _skeleton(config: Any):
+def _skeleton(config: Any, trust_remote_code: bool):
+    """The model on the meta device, as the loader builds it; ModelError if transformers cannot."""
     from accelerate import init_empty_weights
 
     from qtrain.models.arch import auto_model_class
 
-    with init_empty_weights(include_buffers=False):
-        return auto_model_class(config).from_config(config)
+    try:
+        with init_empty_weights(include_buffers=False):
+            return auto_model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for configs it cannot build
+        raise ModelError(f"qtrain plan: cannot build a {getattr(config, 'model_type', '?')!r} model from its "
+                         f"config: {exc}") from None
 
 
 def _linears(model, quantize: bool, targets) -> tuple[Linear, ...]:
@@ -134,12 +139,16 @@ def _check_modeled(config: Any, linears: tuple[Linear, ...]) -> None:
     if not any(lin.role == "mlp_in" and "gate" in lin.name.rsplit(".", 1)[-1] for lin in linears):
         raise ModelError(f"qtrain plan: model_type {kind!r} has no gated MLP (gate_proj); the memory model covers "
                          "Llama-style blocks so far")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if not isinstance(getattr(config, k, None), int)]
+    if missing:
+        raise ModelError(f"qtrain plan: model_type {kind!r} has no {', '.join(missing)} in its config")
 
 
 def model_shape(recipe: Recipe) -> ModelShape:
     """Read the recipe's base model shape (config only) with the recipe's quantization and targets applied."""
     config = transformers_config(recipe)
-    model = _skeleton(config)
+    model = _skeleton(config, recipe.model.trust_remote_code)
     quantize = recipe.quant.method == "nf4" and recipe.peft.method != "full"
     targets = recipe.peft.targets if recipe.peft.method == "lora" else None
     linears = _linears(model, quantize, targets)

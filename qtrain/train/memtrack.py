@@ -18,7 +18,8 @@ rounding/caching -- on CUDA, `torch.cuda.max_memory_allocated` is the reference 
 
 `python -m qtrain.train.memtrack RECIPE [key=value ...] --out DIR` runs a recipe's first steps
 under the tracker (one process, or every rank under torchrun / the deepspeed launcher) and writes
-`DIR/rank-R.json` with the measured peak beside the plan's estimate.
+each rank's measurement to `DIR/rank-R.json`; tests/integration/test_plan_measured.py and
+benchmarks/bench_plan.py set `qtrain plan`'s estimate beside it.
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ def test_what_the_knobs_change_moves_the_plan_the_right_way(capsys):
 
 
 def test_suggestions_are_overrides_that_really_fit(capsys):
-    args = [QUICKSTART, "--device", "cpu", "--gpu-mem", "760MiB"]  # the tensors need ~92 MiB + the 720 MiB runtime
+    roomy = plan_json(capsys, QUICKSTART, "--device", "cpu", "--gpu-mem", "64GiB")
+    tight = roomy["overhead_mib"] + 0.6 * roomy["peak_mib"]  # the runtime and 60% of the tensors
+    args = [QUICKSTART, "--device", "cpu", "--gpu-mem", f"{tight:.1f}MiB"]
     out = plan_json(capsys, *args)
     assert out["fits"] is False and out["suggestions"]
     for suggestion in out["suggestions"]:
