@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from qtrain.errors import EXIT_USER_ERROR, QtrainError, TrainingStopped
+from qtrain.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, QtrainError, TrainingStopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +55,8 @@ def _add_base_options(p: argparse.ArgumentParser, dtype_flag: str, dtype_help: s
     g = p.add_argument_group("base model")
     g.add_argument("--base", metavar="DIR", help="base model dir (default: the adapter's base_model_name_or_path)")
     g.add_argument("--no-quant", action="store_true", help="load the base unquantized instead of NF4")
-    g.add_argument(dtype_flag, dest="base_dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help=dtype_help)
+    g.add_argument(dtype_flag, dest="base_dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help=dtype_help)
     g.add_argument("--blocksize", type=int, default=64, help="NF4 block size the adapter was trained with")
     g.add_argument("--no-double-quant", action="store_true", help="NF4 without double quantization")
     g.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
@@ -77,7 +78,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=8)
-    _add_base_options(g, "--dtype", "dtype the base is loaded and run in (default bf16)")
+    _add_base_options(g, "--dtype", "dtype the base is loaded and run in (default auto: bf16 where the device "
+                      "computes it natively, else fp16 on older GPUs, fp32 on CPUs without native bf16)")
 
 
 def _add_merge(sub) -> None:
@@ -88,7 +90,7 @@ def _add_merge(sub) -> None:
                    help="dtype of the written weights (nf4 is refused, with the reason)")
     m.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 2GB, 500MB")
     _add_base_options(m, "--base-dtype", "dtype the NF4 base is loaded and quantized in: the recipe's model.dtype "
-                      "(default bf16); with --no-quant the base is read in fp32")
+                      "(default auto, as in training); with --no-quant the base is read in fp32")
 
 
 def _add_eval(sub) -> None:
@@ -107,12 +109,20 @@ def _add_eval(sub) -> None:
 def _base_options(args: argparse.Namespace, merge: bool = False):
     import torch
 
+    from qtrain.distributed.env import read_env
     from qtrain.infer.load import DTYPES, BaseOptions
+    from qtrain.models.precision import resolve_precision
     from qtrain.quant.nf4 import NF4Spec
 
+    device = read_env().device()
     quant = None if args.no_quant else NF4Spec(args.blocksize, not args.no_double_quant)
-    dtype = torch.float32 if (merge and args.no_quant) else DTYPES[args.base_dtype]
-    return BaseOptions(dtype=dtype, quant=quant, kernels=args.kernels)
+    if merge and args.no_quant:
+        dtype = torch.float32
+    elif args.base_dtype == "auto":
+        dtype = resolve_precision("auto", device).dtype
+    else:
+        dtype = DTYPES[args.base_dtype]
+    return BaseOptions(dtype=dtype, quant=quant, device=device, kernels=args.kernels)
 
 
 def _sampling(args: argparse.Namespace):
@@ -215,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         print(f"qtrain: stopped: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - a full disk anywhere outside a checkpoint save; the rest re-raises
+        from qtrain.checkpoint.space import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        print(f"qtrain: stopped: no space left on device writing {getattr(exc, 'filename', None) or 'a file'}; "
+              "free space and run "
+              "the same command again", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

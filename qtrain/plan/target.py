@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from qtrain.config.schema import Recipe
 from qtrain.errors import ConfigError
@@ -42,33 +41,30 @@ class Target:
     capacity: int | None = None
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def model_dtype_name(recipe: Recipe, device: str) -> str:
-    """The recipe's `model.dtype`, with `auto` resolved: bf16 on GPUs (fp16 with loss scaling on
-    pre-Ampere GPUs is the trainer's choice; the sizes are the same), fp32 on CPUs without native bf16."""
+    """The recipe's `model.dtype` with `auto` resolved as the trainer resolves it on `device`
+    (qtrain/models/precision.py). Planning for a GPU this machine does not have: bf16, as on
+    Ampere and newer (older GPUs compute in fp16, which takes the same bytes)."""
     name = recipe.model.dtype
     if name != "auto":
         return name
-    if device == "cuda":
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
         return "bfloat16"
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
+    from qtrain.models.precision import resolve_precision
+
+    return resolve_precision(name, torch.device(device)).name
 
 
 def compute_dtype_name(recipe: Recipe, device: str) -> str:
-    """The dtype matmuls and saved activations use: the autocast dtype when autocast is on, else the model's."""
+    """The dtype matmuls and saved activations use, as the trainer's `autocast_dtype` decides:
+    the 16-bit model dtype unless autocast is off, bf16 when autocast is forced on over fp32."""
     model = model_dtype_name(recipe, device)
     mode = recipe.train.autocast
-    if mode == "on" or (mode == "auto" and model == "bfloat16"):
-        return "bfloat16"
-    return model
+    if mode == "off" or model in ("bfloat16", "float16"):
+        return model
+    return "bfloat16" if mode == "on" else model
 
 
 def machine_memory() -> int | None:
