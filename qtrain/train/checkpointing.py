@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from qtrain.checkpoint import store
 from qtrain.checkpoint.train_state import save_rank_state, save_shared_state
-from qtrain.data import BatchStream
+from qtrain.data.pipeline import ExampleStream
 from qtrain.distributed import ddp
 from qtrain.distributed import deepspeed as ds
 from qtrain.train.faults import FaultPlan
 from qtrain.train.setup import Session
 
 
-def trainer_state(s: Session, run_state: dict, stream: BatchStream) -> dict:
+def trainer_state(s: Session, run_state: dict, stream: ExampleStream) -> dict:
     return {"step": run_state["step"], "scheduler": s.scheduler.state_dict(), "data": stream.state_dict(),
             "run": run_state, "world_size": s.env.world_size, "seed": s.recipe.seed}
 
@@ -23,7 +23,7 @@ def checkpoint_optimizer(s: Session):
     return ds.ShardedOptimizer(ds.zero_stage(s.engine), s.env.world_size)
 
 
-def save_checkpoint(s: Session, run_state: dict, stream: BatchStream, faults: FaultPlan) -> None:
+def save_checkpoint(s: Session, run_state: dict, stream: ExampleStream, faults: FaultPlan) -> None:
     step = run_state["step"]
     out = s.recipe.output_dir
     # All ranks write into one temporary dir: rank 0 creates it, each adds its RNG state, and

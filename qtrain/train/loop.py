@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from qtrain.data import BatchStream, collate
+from qtrain.data import Example, collate
+from qtrain.data.pipeline import ExampleStream
 from qtrain.distributed import ddp
 from qtrain.distributed import deepspeed as ds
 from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
@@ -68,12 +69,14 @@ def _batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def _collate(s: Session, examples) -> dict[str, torch.Tensor]:
     """A device batch of `examples` (decoder-only, or encoder-decoder pairs for a T5-family model)."""
-    return _batch_to(collate(examples, s.tokenizer.pad_token_id, collate_start_id(s.model)), s.device)
+    return _batch_to(collate(examples, s.tokenizer.pad_token_id, collate_start_id(s.model), flat=s.data.flat), s.device)
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real tokens the model processed: the input's, plus an encoder-decoder's decoder targets."""
-    tokens = int(batch["attention_mask"].sum())
+    """Real tokens the model processed: the input's, plus an encoder-decoder's decoder targets.
+
+    A padding-free batch has no attention mask: every position is a real token."""
+    tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     if is_seq2seq_batch(batch):
         tokens += batch_trained_tokens(batch)
     return tokens
@@ -95,14 +98,14 @@ def _accumulating(s: Session, last: bool):
     return ddp.no_sync(s.forward_model, skip=not last)
 
 
-def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False) -> StepResult:
+def train_step(s: Session, micro_batches: list[list[Example]], poison: bool = False) -> StepResult:
     """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their trained tokens.
 
     A non-finite loss or gradient norm skips `optimizer.step` (and the schedule): the adapter
     keeps its last good values; the caller applies the recipe's policy.
     """
     t0 = time.perf_counter()
-    batches = [_collate(s, [s.data.train[i] for i in idx]) for idx in micro_batches]
+    batches = [_collate(s, examples) for examples in micro_batches]
     local_trained = sum(batch_trained_tokens(b) for b in batches)
     (global_trained,) = ddp.all_reduce_sum([float(local_trained)], s.device)
     n_trained = max(1.0, global_trained)
@@ -178,7 +181,7 @@ def _nonfinite(s: Session, state: RunState, result: StepResult) -> None:
             f"{state.nonfinite_in_row} in a row); the last good state is saved", EXIT_NONFINITE)
 
 
-def run_loop(s: Session, state: RunState, stream: BatchStream, log: MetricsLog, flag: PreemptFlag,
+def run_loop(s: Session, state: RunState, stream: ExampleStream, log: MetricsLog, flag: PreemptFlag,
              faults: FaultPlan) -> RunState:
     cfg = s.recipe
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", unit="step",

@@ -14,7 +14,7 @@ from qtrain.checkpoint.full_io import save_model_dir
 from qtrain.checkpoint.resume import find_resume_point
 from qtrain.checkpoint.train_state import required_files, restore
 from qtrain.config.schema import Recipe
-from qtrain.data import BatchStream
+from qtrain.data.pipeline import ExampleStream
 from qtrain.distributed import deepspeed as ds
 from qtrain.distributed.ddp import process_group
 from qtrain.distributed.env import read_env
@@ -50,7 +50,7 @@ def _header(s: Session) -> str:
     what = ("full fine-tuning (fp32 master weights)" if r.peft.method == "full"
             else f"LoRA r={r.peft.r} on {len(s.target_names)} layers")
     return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
-            f"of {total:,} params ({100 * trainable / total:.3f}%)\n{s.data.report.summary_line()}")
+            f"of {total:,} params ({100 * trainable / total:.3f}%)\n{s.data.header(r.train.micro_batch_size, s.data.flat)}")
 
 
 def artifact_dir(recipe: Recipe) -> Path:
@@ -93,7 +93,7 @@ def _closing(summary: dict, out: Path, artifact: Path) -> str:
             f"{artifact.name}: {artifact}\nsummary: {out / 'summary.json'}")
 
 
-def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunState:
+def _resume(s: Session, ckpt: Path, stream: ExampleStream, metrics: Path) -> RunState:
     ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s), method=s.recipe.peft.method)
     if s.engine is not None:
         ds.load_optimizer_shard(s.engine, ckpt, s.env.rank)
@@ -119,7 +119,7 @@ def train(recipe: Recipe) -> dict:
             out.mkdir(parents=True, exist_ok=True)
         _say(s, _header(s))
         t = recipe.train
-        stream = BatchStream(len(s.data.train), t.micro_batch_size, recipe.seed, env.rank, env.world_size)
+        stream = s.data.train_stream(t.micro_batch_size, recipe.seed, env.rank, env.world_size)
         metrics = out / "metrics.jsonl"
         if ckpt is not None:
             state = _resume(s, ckpt, stream, metrics)
