@@ -80,7 +80,7 @@ def open_or_build(root: Path, key: str, build: Callable[[Path], dict[str, Any]],
             manifest's content (anything JSON); checksums are added here.
         use: opens the entry (called under the lock, so the files cannot be replaced meanwhile).
         rebuild: build again even if a valid entry exists -- unless it was committed after this
-            process started (another rank of the same launch just rebuilt it).
+            call began (another rank of the same launch rebuilt it while this one waited).
         on_wait: called once if another process holds the lock (it is building).
 
     Returns:
@@ -91,6 +91,7 @@ def open_or_build(root: Path, key: str, build: Callable[[Path], dict[str, Any]],
     except OSError as exc:
         raise DataError(f"data.cache_dir: cannot create {root} ({exc.strerror}); "
                         "set data.cache_dir to a writable directory") from None
+    asked_at = time.time()
     entry, lock = root / key, root / f"{key}.lock"
     if not rebuild:
         with _flock(lock, exclusive=False, on_wait=on_wait):
@@ -99,7 +100,7 @@ def open_or_build(root: Path, key: str, build: Callable[[Path], dict[str, Any]],
                 return use(entry, manifest), "cached"
     with _flock(lock, exclusive=True, on_wait=on_wait):
         manifest = verified_manifest(entry, key)
-        if manifest is not None and not (rebuild and manifest["committed_at"] < _process_start()):
+        if manifest is not None and not (rebuild and manifest["committed_at"] < asked_at):
             return use(entry, manifest), "cached"
         _clear(root, key)
         manifest = _build_committed(root, key, build)
@@ -175,14 +176,3 @@ def _flock(path: Path, *, exclusive: bool, on_wait: Callable[[], None] | None) -
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _process_start() -> float:
-    """When this process started (wall clock), from /proc; now where /proc is missing."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()

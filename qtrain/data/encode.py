@@ -108,7 +108,7 @@ def encode_dataset(raw: Any, source: str, key: str, spec: EncodeSpec, tokenizer:
         try:
             return raw.map(fn, batched=True, batch_size=1000, with_indices=True, remove_columns=raw.column_names,
                            features=features(), num_proc=procs if procs > 1 else None,
-                           cache_file_name=str(out_file), new_fingerprint=out_file.stem,
+                           cache_file_name=str(out_file), new_fingerprint=out_file.stem, load_from_cache_file=False,
                            writer_batch_size=10_000, desc=f"data: encode {Path(source).name}")
         except UnicodeDecodeError as exc:
             raise DataError(f"{source}: not valid UTF-8 text ({exc.reason} at byte {exc.start} of a value); "
