@@ -73,8 +73,8 @@ class DataConfig:
     # Bin-pack whole rows into sequences of up to max_len tokens; rows never attend to each other.
     packing: bool = True
     # Flatten each micro-batch into one row with per-row position ids instead of padding it.
-    # auto: where attention stays per row (flash-attention varlen); on: always (decoder-only); off: pad.
-    padding_free: Literal["auto", "on", "off"] = "auto"
+    # auto: where attention stays per row (flash-attention varlen); true: always (decoder-only); false: pad.
+    padding_free: Union[Literal["auto"], bool] = "auto"
     # What to do with a row longer than max_len: cut it, or leave it out (and count it).
     overlong: Literal["truncate", "drop"] = "truncate"
     eval_split: float = 0.05

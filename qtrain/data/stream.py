@@ -15,6 +15,7 @@ and keeps its own slice, so no rank waits for another's data.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from qtrain.errors import DataError
 
 WINDOW_ROWS = 2048
 CHUNK_ROWS = 256  # rows per task sent to a worker
+POOL_TIMEOUT_S = 300.0  # a window takes about a second to encode; far longer means a lost task
 
 Item = tuple[str, int, dict[str, Any]]  # (file, 1-based row number in it, row)
 
@@ -168,8 +170,17 @@ class StreamBatches:
             self._submit(k)
         _, handle, items = self._pending
         self._pending = None
-        chunks = handle.get() if hasattr(handle, "get") else handle
+        chunks = handle if isinstance(handle, list) else self._collect(handle, items)
         return [row for chunk in chunks for row in chunk], items
+
+    def _collect(self, handle: Any, items: list[Item]) -> list[list[tuple[int, list[int], list[int]]]]:
+        """The pool's result; if it never comes (a worker was killed: the OOM killer, a signal to
+        the process group), the window is encoded here instead -- the same rows, the same result."""
+        try:
+            return handle.get(timeout=POOL_TIMEOUT_S)
+        except multiprocessing.TimeoutError:
+            self.close()
+            return [encode_items(items, self.sp.plan.spec, self.sp.tokenizer)]
 
     def _submit(self, k: int) -> None:
         items = self._read_window(k)
@@ -254,6 +265,12 @@ _WORKER: dict[str, Any] = {}  # set in each pool process by _init_worker
 
 
 def _init_worker(spec: EncodeSpec, tokenizer: Any) -> None:
+    # A forked worker inherits the trainer's preemption handlers, which only set a flag: it would
+    # then outlive Pool.terminate() (SIGTERM) blocked on the task queue's lock. Workers die on
+    # SIGTERM/SIGUSR1 and leave Ctrl-C to the trainer.
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER.update(spec=spec, tokenizer=tokenizer)
 
 

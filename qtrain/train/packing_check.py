@@ -24,16 +24,16 @@ from qtrain.errors import ModelError
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 
 
-def flat_batches(padding_free: str, model: nn.Module) -> bool:
-    """Whether micro-batches are flattened into one padding-free row (`data.padding_free`)."""
-    if getattr(model.config, "is_encoder_decoder", False) or padding_free == "off":
+def flat_batches(padding_free: str | bool, model: nn.Module) -> bool:
+    """Whether micro-batches are flattened into one padding-free row (`data.padding_free`: auto, true, false)."""
+    if getattr(model.config, "is_encoder_decoder", False) or padding_free is False:
         return False
-    if padding_free == "on":
+    if padding_free is True:
         return True
     return getattr(model.config, "_attn_implementation", None) in VARLEN_ATTENTION
 
 
-def configure_batches(data: DataBundle, padding_free: str, model: nn.Module, device: torch.device,
+def configure_batches(data: DataBundle, padding_free: str | bool, model: nn.Module, device: torch.device,
                       autocast_dtype: Optional[torch.dtype]) -> None:
     """Set `data.flat`, and check packed attention on `model` when batches will rely on it.
 

@@ -117,5 +117,5 @@ def test_padding_free_auto_flattens_only_where_attention_stays_per_row():
 
     assert not flat_batches("auto", fake("sdpa")) and not flat_batches("auto", fake("eager"))
     assert flat_batches("auto", fake("flash_attention_2"))
-    assert flat_batches("on", fake("sdpa")) and not flat_batches("off", fake("flash_attention_2"))
-    assert not flat_batches("on", fake("sdpa", encoder_decoder=True))
+    assert flat_batches(True, fake("sdpa")) and not flat_batches(False, fake("flash_attention_2"))
+    assert not flat_batches(True, fake("sdpa", encoder_decoder=True))
