@@ -3,9 +3,10 @@
     python -m benchmarks.bench_data [--rows 200000,1000000 --ranks 1,2 --out benchmarks/results/data_cpu.json]
     python -m benchmarks.bench_data --packing [--steps 20 --out benchmarks/results/data_cpu.json]
 
-Build mode: synthetic instruction rows (about 650 bytes each, written once to
+Build mode: synthetic instruction rows (about 650 bytes and 130 tokens each, written once to
 /tmp/qtrain_bench/instructions-<rows>.jsonl) go through `qtrain.data.build_datasets` exactly as
-`qtrain train` calls it (bundled tokenizer, max_len 512, packing on, eval_split 0.05) into a
+`qtrain train` calls it for the quickstart recipe pointed at them (bundled tokenizer, max_len 128,
+packing on, eval_split 0.05) into a
 fresh cache dir ("first build"), then again with that cache ("cached start"). Each rank is its own
 process (RANK/LOCAL_WORLD_SIZE set as torchrun would; the data layer uses no collectives), all
 started together on one cache dir. Per rank: seconds in build_datasets, lifetime peak RSS of the
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -62,20 +64,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- synthetic data -----------------------------------------------------------------------------
 
 def synthetic_file(rows: int) -> Path:
-    """Instruction rows of ~650 bytes, the same for a given size on every machine (seeded)."""
+    """Instruction rows of ~650 bytes in the bundled data's words (so the bundled tokenizer sees text
+    like what it was trained on: ~5 bytes a token), the same for a given size everywhere (seeded)."""
     path = WORK / f"instructions-{rows}.jsonl"
     if path.is_file():
         return path
     rng = random.Random(0)
-    letters = "etaoinshrdlucmfwypvbgk"
-    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 8))) for _ in range(3000)]
-    sentences = [" ".join(rng.choices(words, k=rng.randint(8, 16))) + "." for _ in range(4000)]
+    bundled = (REPO / "data" / "quickstart" / "train.jsonl").read_text()
+    words = sorted(set(re.findall(r"[A-Za-z]+", bundled)))
+    sentences = [" ".join(rng.choices(words, k=rng.randint(6, 14))) + "." for _ in range(4000)]
     WORK.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         for i in range(rows):
-            prompt = f"Task {i}: " + " ".join(rng.choices(sentences, k=4)) + "\n"
-            response = " ".join(rng.choices(sentences, k=rng.randint(3, 7)))
+            prompt = f"Task {i}: " + " ".join(rng.choices(sentences, k=5)) + "\n"
+            response = " ".join(rng.choices(sentences, k=rng.randint(4, 9)))
             f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
     tmp.replace(path)
     return path
@@ -115,7 +118,7 @@ def rank_child(args: argparse.Namespace) -> dict:
     from qtrain.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(TOKENIZER))
-    cfg = DataConfig(path=str(args.data), format="instruction", max_len=512, packing=True, eval_split=0.05)
+    cfg = DataConfig(path=str(args.data), format="instruction", max_len=128, packing=True, eval_split=0.05)
     before = pss_mib()
     t0 = time.perf_counter()
     bundle = build_datasets(cfg, tokenizer, 0, cache_dir=args.cache, local_world_size=args.world)

@@ -53,7 +53,7 @@ def fit_row(ids: list[int], labels: list[int], spec: EncodeSpec) -> tuple[int, l
             return DROPPED_OVERLONG, [], []
         ids, labels = ids[:spec.max_len], labels[:spec.max_len]
         status = TRUNCATED
-    if all(label == IGNORE_INDEX for label in labels):
+    if labels.count(IGNORE_INDEX) == len(labels):
         return status | DROPPED_NO_LABELS, [], []
     return status, ids, labels
 
@@ -72,7 +72,7 @@ def encode_batch(rows: Sequence[Mapping[str, Any]], row_numbers: Sequence[int], 
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["status"].append(status)
-        out["trained"].append(sum(1 for label in labels if label != IGNORE_INDEX))
+        out["trained"].append(len(labels) - labels.count(IGNORE_INDEX))
     return out
 
 

@@ -156,10 +156,23 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def _ids_batch(tokenizer: Any, texts: list[str | None]) -> list[list[int]]:
-    """Ids of each text (no special tokens); [] for None (a format piece that is absent)."""
+    """Ids of each text (no special tokens); [] for None (a format piece that is absent).
+
+    A fast tokenizer's Rust backend is called directly: the ids are those of
+    `tokenizer.encode(text, add_special_tokens=False)`, without transformers building an
+    encoding dict per text (measured: 10% of a build's time).
+    """
     present = [t for t in texts if t is not None]
-    encoded = iter(tokenizer(present, add_special_tokens=False)["input_ids"] if present else [])
-    return [[] if t is None else list(next(encoded)) for t in texts]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not present:
+        ids: list[list[int]] = []
+    elif backend is not None:
+        fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        ids = [e.ids for e in fast(present, add_special_tokens=False)]
+    else:
+        ids = [list(x) for x in tokenizer(present, add_special_tokens=False)["input_ids"]]
+    encoded = iter(ids)
+    return [[] if t is None else next(encoded) for t in texts]
 
 
 def _bos(tokenizer: Any) -> list[int]:
