@@ -10,10 +10,11 @@ and flash-attention runs its varlen kernel from them: rows never attend to each 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 
-from qtrain.data.formats import IGNORE_INDEX
 from qtrain.data.example import Example, Seq2SeqExample
+from qtrain.data.formats import IGNORE_INDEX
 
 
 def collate(examples: Sequence[Example], pad_id: int, decoder_start_id: int | None = None, *,

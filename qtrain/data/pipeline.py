@@ -80,7 +80,9 @@ class DataBundle:
 
     def header(self, micro_batch_size: int, flat: bool) -> str:
         """The run header's data lines: cache, counts, and padding in batches of `micro_batch_size`."""
-        lines = [self.status_line(), self.report.summary_line()]
+        lines = [self.report.summary_line()]
+        if self.streamer is None:
+            lines.insert(0, self.status_line())
         if self.train is not None and len(self.train):
             padded = 0.0 if flat else padding_fraction(self.train.lengths(), micro_batch_size)
             plain = padding_fraction(self.train.row_lengths(), micro_batch_size)
@@ -163,11 +165,15 @@ def open_built(plan: Plan, tokenizer: Any, num_proc: int, cache_dir: str | Path 
         manifest = build(entry, plan, tokenizer, num_proc, progress)
         return _open(entry, manifest, keepalive=tmp)
     key = cache_key(key_inputs(plan, tokenizer))
-    bundle, status = open_or_build(
-        Path(cache_dir), key, lambda out: build(out, plan, tokenizer, num_proc, progress), _open,
-        rebuild=rebuild, on_wait=lambda: progress and print(f"data: waiting for another process to build "
-                                                            f"{Path(cache_dir) / key}", file=sys.stderr, flush=True))
-    bundle.cache_status, bundle.cache_dir = status, Path(cache_dir) / key
+    entry = Path(cache_dir) / key
+
+    def waiting() -> None:
+        if progress:
+            print(f"data: waiting for another process to build {entry}", file=sys.stderr, flush=True)
+
+    bundle, status = open_or_build(Path(cache_dir), key, lambda out: build(out, plan, tokenizer, num_proc, progress),
+                                   _open, rebuild=rebuild, on_wait=waiting)
+    bundle.cache_status, bundle.cache_dir = status, entry
     return bundle
 
 

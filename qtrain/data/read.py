@@ -125,14 +125,18 @@ def stream_rows(path: str, key: str) -> Iterator[dict[str, Any]]:
 
 
 def _jsonl_rows(path: str) -> Iterator[dict[str, Any]]:
+    for number, value, why in _jsonl_lines(path):
+        if why is not None:
+            raise DataError(_bad_line_message(path, number, why))
+        yield value
+
+
+def _jsonl_lines(path: str) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, row, what is wrong with it or None) for every non-blank line."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            value, why = _jsonl_value(raw)
-            if why is not None:
-                raise DataError(_bad_line_message(path, number, why))
-            yield value
+            if raw.strip():
+                yield (number, *_jsonl_value(raw))
 
 
 def _jsonl_value(raw: bytes) -> tuple[Any, str | None]:
@@ -212,14 +216,7 @@ def _unreadable_message(path: str, ext: str, kind: str, exc: BaseException) -> s
 
 
 def _first_bad_jsonl_line(path: str) -> tuple[int, str] | None:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            _, why = _jsonl_value(raw)
-            if why is not None:
-                return number, why
-    return None
+    return next(((number, why) for number, _, why in _jsonl_lines(path) if why is not None), None)
 
 
 def _innermost(exc: BaseException) -> BaseException:
