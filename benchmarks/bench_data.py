@@ -216,7 +216,8 @@ def layout_child(args: argparse.Namespace) -> dict:
                                for m in micro))
     shutil.rmtree(out, ignore_errors=True)
     median = statistics.median(times)
-    return {"layout": args.layout, "median_step_s": round(median, 4), "tokens_per_s": round(sum(tokens) / sum(times), 1),
+    return {"layout": args.layout, "median_step_s": round(median, 4),
+            "tokens_per_s": round(sum(tokens) / sum(times), 1),
             "trained_tokens_per_step": statistics.mean(trained), "tokens_per_step": statistics.mean(tokens),
             "trained_tokens_per_s": round(sum(trained) / sum(times), 1), "padding": s.data.report.padding}
 

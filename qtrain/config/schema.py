@@ -85,7 +85,8 @@ class DataConfig:
     cache_dir: Optional[str] = None
     # Rebuild the cache even if a valid one exists.
     rebuild: bool = False
-    # Processes that tokenize; default: the CPU cores available to one rank.
+    # Processes that tokenize; default: the CPU cores this process may use (a cache build runs
+    # while the other ranks wait), shared among a node's ranks when streaming.
     num_proc: Optional[int] = None
     # Encode and pack rows on the fly while training (no cache); needs eval_path or eval_split: 0.
     streaming: bool = False

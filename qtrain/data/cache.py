@@ -86,13 +86,18 @@ def open_or_build(root: Path, key: str, build: Callable[[Path], dict[str, Any]],
     Returns:
         (what `use` returned, "cached" or "built").
     """
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"data.cache_dir: cannot create {root} ({exc.strerror}); "
-                        "set data.cache_dir to a writable directory") from None
     asked_at = time.time()
     entry, lock = root / key, root / f"{key}.lock"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    except OSError as exc:
+        # A read-only cache (built elsewhere, shared by an administrator) is used as it is.
+        manifest = None if rebuild else verified_manifest(entry, key)
+        if manifest is not None:
+            return use(entry, manifest), "cached"
+        raise DataError(f"data.cache_dir: cannot write to {root} ({exc.strerror}) and it holds no valid "
+                        "entry for this data; set data.cache_dir to a writable directory") from None
     if not rebuild:
         with _flock(lock, exclusive=False, on_wait=on_wait):
             manifest = verified_manifest(entry, key)

@@ -137,7 +137,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int, *, encoder_decode
         cache_dir: the cache directory (see `data_cache_dir`); None builds into a private
             temporary directory that lives as long as the bundle.
         progress: progress bars for the build stages.
-        local_world_size: processes on this node, for the default `data.num_proc`.
+        local_world_size: processes on this node, which share its cores when streaming (the
+            default `data.num_proc`; a cache build has the cores to itself, the others wait).
 
     Raises:
         DataError: unreadable data, bad rows, a format the model cannot train on, or no
@@ -148,11 +149,14 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int, *, encoder_decode
     if encoder_decoder:
         check_seq2seq_inputs(cfg)
     plan = make_plan(cfg, seed, encoder_decoder)
-    num_proc = cfg.num_proc or default_num_proc(local_world_size)
     if cfg.streaming:
         from qtrain.data.stream import streaming_bundle
 
+        # Every rank encodes its stream at the same time: the node's cores are shared.
+        num_proc = cfg.num_proc or default_num_proc(local_world_size)
         return streaming_bundle(cfg, plan, tokenizer, num_proc, cache_dir, progress)
+    # One process builds while the node's other ranks wait on the cache lock: it takes every core it may use.
+    num_proc = cfg.num_proc or default_num_proc()
     return open_built(plan, tokenizer, num_proc, cache_dir, rebuild=cfg.rebuild, progress=progress)
 
 

@@ -146,7 +146,8 @@ class StreamBatches:
         """
         if state.get("kind") != "stream":
             raise DataError("cannot resume the data order: the checkpoint was saved with map-style data and this "
-                            "run streams (data.streaming: true); resume with the same data settings, or start a new run")
+                            "run streams (data.streaming: true); resume with the same data settings, or start "
+                            "a new run")
         self.window, self.position = int(state["window"]), int(state["position"])
         self._batches, self._pending = None, None
 

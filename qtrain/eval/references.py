@@ -1,9 +1,10 @@
 """The eval split's prompts and reference answers, for generation metrics (ROUGE).
 
 The split is the one `qtrain.data.build_datasets` holds out (`qtrain.data.held_out_rows`: same
-files, same `split_indices`, same seed, or `data.eval_path`), and each prompt is encoded by the format's own encoder, so the
-model sees exactly the prompt it was trained to continue (for an encoder-decoder model: exactly
-the encoder input it was trained on, cut to data.max_len as training cut it).
+files, same `split_indices`, same seed, or `data.eval_path`), and each prompt is encoded by the
+format's own encoder, so the model sees exactly the prompt it was trained to continue (for an
+encoder-decoder model: exactly the encoder input it was trained on, cut to data.max_len as
+training cut it).
 """
 
 from __future__ import annotations

@@ -18,19 +18,23 @@ from torch import nn
 from qtrain.data import DataBundle
 from qtrain.errors import ModelError
 
-# Attention implementations whose packed (position-id) path runs per row: flattening a
-# micro-batch into one row costs them nothing. sdpa/eager build a full [total x total] mask
-# instead, so flattening b rows multiplies their attention work by up to b: `auto` pads there.
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
-
-
 def flat_batches(padding_free: str | bool, model: nn.Module) -> bool:
     """Whether micro-batches are flattened into one padding-free row (`data.padding_free`: auto, true, false)."""
     if getattr(model.config, "is_encoder_decoder", False) or padding_free is False:
         return False
     if padding_free is True:
         return True
-    return getattr(model.config, "_attn_implementation", None) in VARLEN_ATTENTION
+    return attention_is_per_row(getattr(model.config, "_attn_implementation", None))
+
+
+def attention_is_per_row(implementation: str | None) -> bool:
+    """Whether packed rows cost attention per row: flash-attention runs its varlen kernel, flex
+    attention skips the masked blocks. sdpa/eager compute the whole [total x total] score matrix of
+    a flattened micro-batch, up to micro_batch_size times the work of padded rows: `auto` pads there."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    return implementation == "flex_attention" or is_flash_attention_requested(
+        requested_attention_implementation=implementation)
 
 
 def configure_batches(data: DataBundle, padding_free: str | bool, model: nn.Module, device: torch.device,

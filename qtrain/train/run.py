@@ -50,7 +50,8 @@ def _header(s: Session) -> str:
     what = ("full fine-tuning (fp32 master weights)" if r.peft.method == "full"
             else f"LoRA r={r.peft.r} on {len(s.target_names)} layers")
     return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
-            f"of {total:,} params ({100 * trainable / total:.3f}%)\n{s.data.header(r.train.micro_batch_size, s.data.flat)}")
+            f"of {total:,} params ({100 * trainable / total:.3f}%)\n"
+            f"{s.data.header(r.train.micro_batch_size, s.data.flat)}")
 
 
 def artifact_dir(recipe: Recipe) -> Path:

@@ -133,3 +133,28 @@ def test_rebuild_forces_a_build_of_a_valid_entry(tmp_path, tok):
     cache = tmp_path / "cache"
     build_datasets(_cfg(path), tok, seed=0, cache_dir=cache)
     assert build_datasets(_cfg(path, rebuild=True), tok, seed=0, cache_dir=cache).cache_status == "built"
+
+
+def test_a_read_only_cache_with_a_valid_entry_is_used_and_one_without_is_a_data_error(tmp_path, tok, monkeypatch):
+    from qtrain.errors import DataError
+
+    path = _write(tmp_path / "d.jsonl", 40)
+    cache = tmp_path / "cache"
+    build_datasets(_cfg(path), tok, seed=0, cache_dir=cache)
+
+    def read_only(self, *args, **kwargs):  # what touching a lock file on a read-only filesystem does
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(Path, "touch", read_only)
+    assert build_datasets(_cfg(path), tok, seed=0, cache_dir=cache).cache_status == "cached"
+    with pytest.raises(DataError, match="data.cache_dir: cannot write to .* no valid entry"):
+        build_datasets(_cfg(path, max_len=30), tok, seed=0, cache_dir=cache)
+
+
+def test_a_cache_dir_that_is_a_file_is_a_data_error(tmp_path, tok):
+    from qtrain.errors import DataError
+
+    path = _write(tmp_path / "d.jsonl", 10)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match="data.cache_dir"):
+        build_datasets(_cfg(path), tok, seed=0, cache_dir=tmp_path / "file")

@@ -263,3 +263,18 @@ def test_collate_right_pads():
 def test_collate_rejects_mismatched_lengths():
     with pytest.raises(ValueError):
         collate([Example([1, 2], [1])], pad_id=0)
+
+
+def test_a_path_list_or_glob_reads_its_files_in_order_as_one_source(tmp_path, tok):
+    (tmp_path / "shards").mkdir()
+    a = _jsonl(tmp_path / "shards" / "a.jsonl", _numbered_rows(3))
+    b = _jsonl(tmp_path / "shards" / "b.jsonl", _numbered_rows(5)[3:])
+    for path in ([a, b], str(tmp_path / "shards" / "*.jsonl")):
+        bundle = build_datasets(_cfg(path), tok, seed=0)
+        assert bundle.report.rows_read == 5
+        assert [_row_id(tok, e) for e in bundle.train] == [0, 1, 2, 3, 4]
+    _jsonl(tmp_path / "shards" / "b.jsonl", [{"prompt": "x\n", "response": "y"}, {"prompt": "z\n"}])
+    with pytest.raises(DataError, match=f"{b}, row 2"):
+        build_datasets(_cfg([a, b]), tok, seed=0)
+    with pytest.raises(DataError, match="no file matches this pattern; check data.path"):
+        build_datasets(_cfg(str(tmp_path / "none" / "*.jsonl")), tok, seed=0)

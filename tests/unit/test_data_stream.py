@@ -40,7 +40,8 @@ def _take(stream, n: int) -> list:
 
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_a_stream_resumes_exactly_from_a_saved_position(tmp_path, tok, num_proc):
-    mix = [MixSource(_write(tmp_path / "a.jsonl", "A", 700), 1.0), MixSource(_write(tmp_path / "b.jsonl", "B", 300), 2.0)]
+    mix = [MixSource(_write(tmp_path / "a.jsonl", "A", 700), 1.0),
+           MixSource(_write(tmp_path / "b.jsonl", "B", 300), 2.0)]
     cfg = DataConfig(mix=mix, max_len=48, eval_split=0.0, streaming=True, num_proc=num_proc)
     bundle = build_datasets(cfg, tok, seed=3)
     assert bundle.train is None and bundle.cache_status == "streaming"
@@ -79,7 +80,8 @@ def _within(count: int, n: int, p: float, sigmas: float = 4.0) -> bool:
 
 
 def test_a_mixture_draws_sources_by_weight_within_sampling_error(tmp_path, tok):
-    mix = [MixSource(_write(tmp_path / "a.jsonl", "A", 150), 3.0), MixSource(_write(tmp_path / "b.jsonl", "B", 450), 1.0)]
+    mix = [MixSource(_write(tmp_path / "a.jsonl", "A", 150), 3.0),
+           MixSource(_write(tmp_path / "b.jsonl", "B", 450), 1.0)]
     bundle = build_datasets(DataConfig(mix=mix, max_len=48, packing=False, eval_split=0.1), tok, seed=0)
     names = [tok.decode(e.input_ids[1:2]) for e in bundle.train]
     n = len(names)
@@ -96,4 +98,5 @@ def test_streamed_windows_follow_the_weights_within_sampling_error():
     counts = sum(window_counts([1.0, 4.0], WINDOW_ROWS, seed=0, window=k) for k in range(20))
     assert counts.sum() == 20 * WINDOW_ROWS
     assert _within(int(counts[0]), int(counts.sum()), 0.2)
-    assert not np.array_equal(window_counts([1.0, 4.0], WINDOW_ROWS, 0, 0), window_counts([1.0, 4.0], WINDOW_ROWS, 0, 1))
+    first, second = (window_counts([1.0, 4.0], WINDOW_ROWS, 0, k) for k in (0, 1))
+    assert not np.array_equal(first, second)
