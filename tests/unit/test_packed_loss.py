@@ -5,7 +5,6 @@ that ignores position-id packing is refused."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
