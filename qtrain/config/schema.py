@@ -56,17 +56,43 @@ class PeftConfig:
 
 
 @dataclass
+class MixSource:
+    """One source of a data mixture: its file(s) and how often training draws from it."""
+
+    # A file, a glob (`shards/*.jsonl`) or a list of either.
+    path: Union[str, list[str]] = ""
+    # Relative weight: a source is drawn with probability weight / (sum of weights).
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    path: Optional[str] = None
+    # A file, a glob (`data/*.jsonl`) or a list of either; the files are read in order as one source.
+    path: Union[str, list[str], None] = None
+    # Instead of `path`: several sources sampled by weight, deterministically by seed.
+    mix: Optional[list[MixSource]] = None
     format: Literal["text", "instruction", "chat", "summarization"] = "instruction"
     max_len: int = 512
+    # Bin-pack whole rows into sequences of up to max_len tokens; rows never attend to each other.
     packing: bool = True
+    # Flatten each micro-batch into one row with per-row position ids instead of padding it.
+    # auto: where attention stays per row (flash-attention varlen); true: always (decoder-only); false: pad.
+    padding_free: Union[Literal["auto"], bool] = "auto"
     # What to do with a row longer than max_len: cut it, or leave it out (and count it).
     overlong: Literal["truncate", "drop"] = "truncate"
     eval_split: float = 0.05
     eval_path: Optional[str] = None
     # Rename the fields a format reads, e.g. {prompt: instruction, response: output}.
     fields: dict[str, str] = field(default_factory=dict)
+    # Where tokenized data is cached (memory-mapped Arrow); default <output_dir>/data_cache.
+    cache_dir: Optional[str] = None
+    # Rebuild the cache even if a valid one exists.
+    rebuild: bool = False
+    # Processes that tokenize; default: the CPU cores this process may use (a cache build runs
+    # while the other ranks wait), shared among a node's ranks when streaming.
+    num_proc: Optional[int] = None
+    # Encode and pack rows on the fly while training (no cache); needs eval_path or eval_split: 0.
+    streaming: bool = False
 
 
 @dataclass

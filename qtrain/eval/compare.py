@@ -10,6 +10,7 @@ go to the recipe's `output_dir`:
     <output_dir>/{full,lora,qlora}/   each variant's training run (adapter/ or model/, metrics, summary)
     <output_dir>/{base,...}/          each variant's eval.json and eval_generations.jsonl
     <output_dir>/base_model/          the shared random-init base (with model.from_config)
+    <output_dir>/data_cache/          the data, tokenized once for every variant
     <output_dir>/report.md, compare.json, loss_curves.png, rouge.png
 """
 
@@ -43,8 +44,10 @@ def variant_overrides(variant: str, recipe: Recipe) -> list[str]:
 
 
 def shared_base(recipe: Recipe, out: Path) -> list[str]:
-    """Point every variant at one base: a `from_config` base is written once, under the compare dir."""
-    return [f"model.base_dir={out / 'base_model'}"] if recipe.model.from_config is not None else []
+    """Point every variant at one base and one data cache: a `from_config` base is written once, and
+    the data tokenized once, under the compare dir."""
+    keys = [f"model.base_dir={out / 'base_model'}"] if recipe.model.from_config is not None else []
+    return keys + ([f"data.cache_dir={out / 'data_cache'}"] if recipe.data.cache_dir is None else [])
 
 
 def dir_bytes(path: Path) -> int:

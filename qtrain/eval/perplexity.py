@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qtrain.data import collate
-from qtrain.data.pipeline import Example
+from qtrain.data.example import Example
 from qtrain.models.arch import collate_start_id
 from qtrain.train.loss import batch_logits, batch_loss_sum, nll_sum
 
@@ -44,10 +44,11 @@ def perplexity_of(loss: float) -> float:
 
 @torch.inference_mode()
 def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
-              device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> LossResult:
+              device: torch.device, autocast_dtype: Optional[torch.dtype] = None, *, flat: bool = False) -> LossResult:
     """Token-weighted mean NLL over `examples` (labels -100 are not counted), as training's eval does.
 
-    Works for decoder-only and encoder-decoder models alike (the examples were built for the model).
+    Works for decoder-only and encoder-decoder models alike (the examples were built for the model);
+    `flat`: padding-free batches (see data.collate).
     """
     if not examples:
         raise ValueError("eval_loss needs at least one example")
@@ -55,7 +56,7 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_
     start = collate_start_id(model)
 
     def to_batch(chunk: Sequence[Example]) -> Batch:
-        return {k: v.to(device) for k, v in collate(chunk, pad_id, start).items()}
+        return {k: v.to(device) for k, v in collate(chunk, pad_id, start, flat=flat).items()}
 
     def loss_sum(batch: Batch) -> torch.Tensor:
         with autocast_context(device, autocast_dtype):

@@ -5,14 +5,14 @@ from __future__ import annotations
 from qtrain.checkpoint import store
 from qtrain.checkpoint.space import checkpoint_mib, disk_full_stop
 from qtrain.checkpoint.train_state import save_rank_state, save_shared_state
-from qtrain.data import BatchStream
+from qtrain.data.pipeline import ExampleStream
 from qtrain.distributed import ddp
 from qtrain.distributed import deepspeed as ds
 from qtrain.train.faults import FaultPlan
 from qtrain.train.setup import Session
 
 
-def trainer_state(s: Session, run_state: dict, stream: BatchStream) -> dict:
+def trainer_state(s: Session, run_state: dict, stream: ExampleStream) -> dict:
     return {"step": run_state["step"], "scheduler": s.scheduler.state_dict(), "data": stream.state_dict(),
             "run": run_state, "world_size": s.env.world_size, "seed": s.recipe.seed, "scaler": s.scaler.state_dict()}
 
@@ -33,7 +33,7 @@ def newest_checkpoint_text(out) -> str:
     return f"{steps[0][1].name} is the newest complete checkpoint" if steps else "no checkpoint was saved yet"
 
 
-def save_checkpoint(s: Session, run_state: dict, stream: BatchStream, faults: FaultPlan) -> None:
+def save_checkpoint(s: Session, run_state: dict, stream: ExampleStream, faults: FaultPlan) -> None:
     """Save every part of the step's state inside the commit protocol; a full disk stops the run cleanly."""
     step = run_state["step"]
     out = s.recipe.output_dir
@@ -42,7 +42,7 @@ def save_checkpoint(s: Session, run_state: dict, stream: BatchStream, faults: Fa
         _save(s, run_state, stream, faults)
 
 
-def _save(s: Session, run_state: dict, stream: BatchStream, faults: FaultPlan) -> None:
+def _save(s: Session, run_state: dict, stream: ExampleStream, faults: FaultPlan) -> None:
     step = run_state["step"]
     out = s.recipe.output_dir
     # All ranks write into one temporary dir: rank 0 creates it, each adds its RNG state, and

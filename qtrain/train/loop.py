@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from qtrain.data import BatchStream, collate
+from qtrain.data import Example, collate
+from qtrain.data.pipeline import ExampleStream
 from qtrain.distributed import ddp
 from qtrain.distributed import deepspeed as ds
 from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
@@ -70,12 +71,14 @@ def _batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def _collate(s: Session, examples) -> dict[str, torch.Tensor]:
     """A device batch of `examples` (decoder-only, or encoder-decoder pairs for a T5-family model)."""
-    return _batch_to(collate(examples, s.tokenizer.pad_token_id, collate_start_id(s.model)), s.device)
+    return _batch_to(collate(examples, s.tokenizer.pad_token_id, collate_start_id(s.model), flat=s.data.flat), s.device)
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real tokens the model processed: the input's, plus an encoder-decoder's decoder targets."""
-    tokens = int(batch["attention_mask"].sum())
+    """Real tokens the model processed: the input's, plus an encoder-decoder's decoder targets.
+
+    A padding-free batch has no attention mask: every position is a real token."""
+    tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     if is_seq2seq_batch(batch):
         tokens += batch_trained_tokens(batch)
     return tokens
@@ -97,7 +100,7 @@ def _accumulating(s: Session, last: bool):
     return ddp.no_sync(s.forward_model, skip=not last)
 
 
-def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False,
+def train_step(s: Session, micro_batches: list[list[Example]], poison: bool = False,
                backward_factor: float = 1.0) -> StepResult:
     """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their trained tokens.
 
@@ -105,7 +108,7 @@ def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False,
     keeps its last good values; the caller applies the recipe's policy.
     """
     t0 = time.perf_counter()
-    batches = [_collate(s, [s.data.train[i] for i in idx]) for idx in micro_batches]
+    batches = [_collate(s, examples) for examples in micro_batches]
     local_trained = sum(batch_trained_tokens(b) for b in batches)
     (global_trained,) = ddp.all_reduce_sum([float(local_trained)], s.device)
     n_trained = max(1.0, global_trained)
@@ -183,7 +186,7 @@ def _nonfinite(s: Session, state: RunState, result: StepResult) -> None:
             f"{state.nonfinite_in_row} in a row); the last good state is saved", EXIT_NONFINITE)
 
 
-def _skipped_step(s: Session, state: RunState, result: StepResult, stream: BatchStream,
+def _skipped_step(s: Session, state: RunState, result: StepResult, stream: ExampleStream,
                   faults: FaultPlan) -> None:
     """Book a step whose update was not applied: an fp16 overflow (expected now and then; the scale
     backs off) or a non-finite loss/gradient (the recipe's policy). Stopping saves the last good state."""
@@ -202,7 +205,7 @@ def _skipped_step(s: Session, state: RunState, result: StepResult, stream: Batch
         raise
 
 
-def run_loop(s: Session, state: RunState, stream: BatchStream, log: MetricsLog, flag: PreemptFlag,
+def run_loop(s: Session, state: RunState, stream: ExampleStream, log: MetricsLog, flag: PreemptFlag,
              faults: FaultPlan) -> RunState:
     cfg = s.recipe
     progress = Progress(cfg.train.max_steps, state.step, enabled=cfg.logging.progress and s.env.is_main)

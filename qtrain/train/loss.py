@@ -34,12 +34,27 @@ def batch_trained_tokens(batch: dict[str, torch.Tensor]) -> int:
     return count_trained_tokens(batch["labels"], encoder_decoder=is_seq2seq_batch(batch))
 
 
-def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits for a collated batch: the causal LM's over input_ids, or the decoder's."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
+    """The keyword arguments a collated batch is run with.
+
+    A batch with `position_ids` (packed rows, or a padding-free flat row) goes in with them and
+    WITHOUT an attention mask: that is what makes transformers build a block-diagonal mask from
+    the position ids (flash-attention: varlen), so rows never attend to each other. Any padding
+    in such a batch trails its row as its own segment, invisible to the real tokens.
+    """
+    kwargs: dict[str, torch.Tensor | bool] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"]
     if is_seq2seq_batch(batch):
         kwargs["decoder_input_ids"] = batch["decoder_input_ids"]
-    return model(**kwargs).logits
+    return kwargs
+
+
+def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits for a collated batch: the causal LM's over input_ids, or the decoder's."""
+    return model(**model_inputs(batch)).logits
 
 
 def batch_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -62,7 +77,7 @@ def causal_lm_loss_sum_fused(model: nn.Module, batch: dict[str, torch.Tensor], b
     materializing the [tokens x vocab] logits (chunked fused linear + cross-entropy)."""
     from qtrain_kernels.fused_ce import fused_linear_cross_entropy
 
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state
     labels = batch["labels"]
     return fused_linear_cross_entropy(hidden[:, :-1], model.get_output_embeddings().weight, labels[:, 1:],
                                       IGNORE_INDEX, backend=backend)

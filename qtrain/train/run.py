@@ -17,7 +17,7 @@ from qtrain.checkpoint.resume import find_resume_point, warn
 from qtrain.checkpoint.space import disk_full_stop, space_warning
 from qtrain.checkpoint.train_state import required_files, restore
 from qtrain.config.schema import Recipe
-from qtrain.data import BatchStream
+from qtrain.data.pipeline import ExampleStream
 from qtrain.distributed import deepspeed as ds
 from qtrain.distributed.ddp import any_rank, process_group
 from qtrain.distributed.env import DistEnv, read_env
@@ -75,7 +75,8 @@ def _header(s: Session) -> str:
     scaling = " with dynamic loss scaling" if s.scaler.enabled else ""
     return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
             f"of {total:,} params ({100 * trainable / total:.3f}%)\n"
-            f"precision: {s.precision.name} compute{scaling} ({s.precision.reason})\n{s.data.report.summary_line()}\n"
+            f"precision: {s.precision.name} compute{scaling} ({s.precision.reason})\n"
+            f"{s.data.header(r.train.micro_batch_size, s.data.flat)}\n"
             f"{run_estimate(r, s.base_dir, s.env.world_size, s.device.type).line}")
 
 
@@ -152,7 +153,7 @@ def save_artifacts(s: Session, summary: dict) -> None:
     atomic_write_text(Path(recipe.output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
-def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunState:
+def _resume(s: Session, ckpt: Path, stream: ExampleStream, metrics: Path) -> RunState:
     ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s), method=s.recipe.peft.method)
     if s.engine is not None:
         ds.load_optimizer_shard(s.engine, ckpt, s.env.rank)
@@ -186,7 +187,7 @@ def _train(recipe: Recipe, held: contextlib.ExitStack) -> dict:
         _say(s, _header(s))
         warn_if_space_short(s)
         t = recipe.train
-        stream = BatchStream(len(s.data.train), t.micro_batch_size, recipe.seed, env.rank, env.world_size)
+        stream = s.data.train_stream(t.micro_batch_size, recipe.seed, env.rank, env.world_size)
         metrics = out / "metrics.jsonl"
         if ckpt is not None:
             state = _resume(s, ckpt, stream, metrics)

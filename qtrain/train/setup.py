@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qtrain.config.schema import Recipe
-from qtrain.data import DataBundle, build_datasets
+from qtrain.data import DataBundle, build_datasets, data_cache_dir
 from qtrain.distributed import ddp
 from qtrain.distributed import deepspeed as ds
 from qtrain.distributed.env import DistEnv
@@ -27,6 +27,7 @@ from qtrain.peft.inject import inject_lora, lora_modules
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.train.loss import fused_ce_supported
 from qtrain.train.optim import build_optimizer, build_scheduler
+from qtrain.train.packing_check import configure_batches
 from qtrain.train.scaler import LossScaler
 from qtrain.train.sinks import check_available as check_loggers
 from qtrain.peft.recompute import checkpoint_kwargs, mark_kept_outputs
@@ -157,10 +158,13 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
                           f"({precision.reason}); set model.dtype: float32 (or bfloat16 on a GPU that has it), "
                           "or use distributed.engine: ddp")
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=is_encoder_decoder(recipe.model))
+    data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=is_encoder_decoder(recipe.model),
+                          cache_dir=data_cache_dir(recipe.data, recipe.output_dir),
+                          progress=recipe.logging.progress and env.is_main, local_world_size=env.local_world_size)
     base_dir = resolve_base_dir(recipe, tokenizer, env)
     torch.manual_seed(recipe.seed)  # LoRA A init
     model, names = build_model(recipe, base_dir, device, precision)
+    configure_batches(data, recipe.data.padding_free, model, device, autocast)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train, device)
