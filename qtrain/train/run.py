@@ -22,7 +22,7 @@ from qtrain.distributed import deepspeed as ds
 from qtrain.distributed.ddp import any_rank, process_group
 from qtrain.distributed.env import DistEnv, read_env
 from qtrain.errors import EXIT_PREEMPTED, ConfigError, QtrainError, TrainingStopped
-from qtrain.plan.planner import run_estimate
+from qtrain.plan.planner import RunEstimate, run_estimate
 from qtrain.train.checkpointing import checkpoint_optimizer, checkpoint_size_mib, newest_checkpoint_text
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import catch_preemption
@@ -67,7 +67,7 @@ def _say(s: Session, text: str) -> None:
         print(text, flush=True)
 
 
-def _header(s: Session) -> str:
+def _header(s: Session, estimate: RunEstimate) -> str:
     trainable, total = param_counts(s.model)
     r = s.recipe
     what = ("full fine-tuning (fp32 master weights)" if r.peft.method == "full"
@@ -77,7 +77,7 @@ def _header(s: Session) -> str:
             f"of {total:,} params ({100 * trainable / total:.3f}%)\n"
             f"precision: {s.precision.name} compute{scaling} ({s.precision.reason})\n"
             f"{s.data.header(r.train.micro_batch_size, s.data.flat)}\n"
-            f"{run_estimate(r, s.base_dir, s.env.world_size, s.device.type).line}")
+            f"{estimate.line}")
 
 
 def artifact_dir(recipe: Recipe) -> Path:
@@ -85,7 +85,7 @@ def artifact_dir(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / ("model" if recipe.peft.method == "full" else "adapter")
 
 
-def build_summary(s: Session, state: RunState) -> dict:
+def build_summary(s: Session, state: RunState, estimate: RunEstimate) -> dict:
     trainable, total = param_counts(s.model)
     times, tokens = state.step_times[1:] or state.step_times, state.tokens[1:] or state.tokens
     mb, ga = s.recipe.train.micro_batch_size, s.recipe.train.grad_accum
@@ -97,7 +97,7 @@ def build_summary(s: Session, state: RunState) -> dict:
         "median_step_s": median_step_s(state.step_times),
         "tokens_per_s": sum(tokens) / sum(times) if times and sum(times) > 0 else None,
         "peak_memory_mib": round(peak_memory_mib(s.device), 1),
-        "planned_peak_memory_mib": run_estimate(s.recipe, s.base_dir, s.env.world_size, s.device.type).peak_mib,
+        "planned_peak_memory_mib": estimate.peak_mib,
         "final_train_loss": state.last_loss,
         "final_eval_loss": state.last_eval_loss,
         "nonfinite_steps_skipped": state.nonfinite_total,
@@ -184,7 +184,8 @@ def _train(recipe: Recipe, held: contextlib.ExitStack) -> dict:
             required = required_files(env.world_size, recipe.peft.method) + (ds.shard_files(env.world_size) if s.engine else [])
             ckpt = find_resume_point(out, recipe.checkpoint.resume, required)
             out.mkdir(parents=True, exist_ok=True)
-        _say(s, _header(s))
+        estimate = run_estimate(recipe, s.base_dir, env.world_size, s.device.type)  # the plan this run checks
+        _say(s, _header(s, estimate))
         warn_if_space_short(s)
         t = recipe.train
         stream = s.data.train_stream(t.micro_batch_size, recipe.seed, env.rank, env.world_size)
@@ -205,7 +206,7 @@ def _train(recipe: Recipe, held: contextlib.ExitStack) -> dict:
             log.write_final_eval(state.step, state.last_eval_loss)
         finally:
             log.close()
-    summary = build_summary(s, state)
+    summary = build_summary(s, state, estimate)
     if env.is_main:
         with disk_full_stop(f"the final {artifact_dir(recipe).name}/ and summary.json", out, artifact_mib(s),
                             newest_checkpoint_text(out)):
