@@ -96,7 +96,6 @@ def measure_training_peak(recipe, env, steps: int = 2) -> dict:
     during the steps (two by default: the second runs with the optimizer state allocated, as
     every later step does); on CUDA also the allocator's counters over the same steps.
     """
-    from qtrain.data import BatchStream
     from qtrain.train.loop import train_step
     from qtrain.train.setup import prepare
 
@@ -109,7 +108,7 @@ def measure_training_peak(recipe, env, steps: int = 2) -> dict:
         if s.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(s.device)
         t = recipe.train
-        stream = BatchStream(len(s.data.train), t.micro_batch_size, recipe.seed, env.rank, env.world_size)
+        stream = s.data.train_stream(t.micro_batch_size, recipe.seed, env.rank, env.world_size)
         for _ in range(steps):
             train_step(s, [next(stream) for _ in range(t.grad_accum)])
     return {"rank": env.rank, "world_size": env.world_size, "device": str(s.device), "steps": steps,

@@ -87,16 +87,18 @@ def test_a_really_full_filesystem_warns_at_start_and_stops_cleanly(tmp_path):
     try:
         out = mnt / "run"
         out.mkdir()
+        # The base and the data cache live outside the small filesystem: only the run's own files fill it.
+        outside = (f"model.base_dir={tmp_path / 'base'}", f"data.cache_dir={tmp_path / 'data-cache'}")
         # Leave room for about one checkpoint (~0.2 MiB at this size) and the run's small files.
         free = shutil.disk_usage(mnt).free
         with open(mnt / "filler", "wb") as fh:
             fh.truncate(0)
             fh.write(b"\0" * (free - 400 * 1024))
-        proc = run(out, "train.max_steps=9", f"model.base_dir={tmp_path / 'base'}")
+        proc = run(out, "train.max_steps=9", *outside)
         assert "qtrain: WARNING: " in proc.stderr and "checkpoint.keep=2" in proc.stderr
         _assert_clean_disk_full_stop(proc, out)
         (mnt / "filler").unlink()
-        resumed = run(out, "train.max_steps=9", f"model.base_dir={tmp_path / 'base'}")
+        resumed = run(out, "train.max_steps=9", *outside)
         assert resumed.returncode == 0 and "(step 3)" in resumed.stdout
         assert json.loads((out / "summary.json").read_text())["steps"] == 9
     finally:
