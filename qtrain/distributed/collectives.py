@@ -1,9 +1,4 @@
-"""torch.distributed process group, DDP wrapping, and the few collectives the trainer needs.
-
-Every rank holds its own quantized base on its own device (`{"": local_rank}`-style placement,
-never `device_map="auto"`); only the LoRA parameters have gradients, so DDP all-reduces adapter
-gradients only (a few MB per step even for 8B models).
-"""
+"""The torch.distributed process group and the few collectives every engine and the loader need."""
 
 from __future__ import annotations
 
@@ -13,7 +8,6 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from qtrain.distributed.env import DistEnv
 
@@ -34,23 +28,12 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def active() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP over the trainable (LoRA) parameters; frozen 4-bit weights are not synchronized."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, find_unused_parameters=False)
-
-
-def no_sync(model: nn.Module, skip: bool):
-    """DDP's `no_sync` while accumulating (all-reduce only on the last micro-batch)."""
-    if skip and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -74,6 +57,28 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape and dtype everywhere), in rank order; bytes are moved as they are."""
+    if not active():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def ensure_process_group(env: DistEnv, timeout_s: float) -> None:
+    """A process group even for one process (FSDP2 and torch.distributed.checkpoint need one);
+    a launcher's group when there is one, else a private in-memory store of world size 1."""
+    if dist.is_initialized():
+        return
+    if env.world_size > 1:
+        init_process_group(env, timeout_s)
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 @contextlib.contextmanager

@@ -12,11 +12,10 @@ from qtrain.checkpoint.adapter_io import save_adapter
 from qtrain.checkpoint.atomic import atomic_write_text
 from qtrain.checkpoint.full_io import save_model_dir
 from qtrain.checkpoint.resume import find_resume_point
-from qtrain.checkpoint.train_state import required_files, restore
+from qtrain.checkpoint.train_state import read_trainer_state, restore
 from qtrain.config.schema import Recipe
 from qtrain.data import BatchStream
-from qtrain.distributed import deepspeed as ds
-from qtrain.distributed.ddp import process_group
+from qtrain.distributed.collectives import process_group
 from qtrain.distributed.env import read_env
 from qtrain.errors import EXIT_PREEMPTED, QtrainError, TrainingStopped
 from qtrain.train.checkpointing import checkpoint_optimizer
@@ -45,7 +44,7 @@ def _say(s: Session, text: str) -> None:
 
 
 def _header(s: Session) -> str:
-    trainable, total = param_counts(s.model)
+    trainable, total = param_counts(s.model, s.engine.numel)
     r = s.recipe
     what = ("full fine-tuning (fp32 master weights)" if r.peft.method == "full"
             else f"LoRA r={r.peft.r} on {len(s.target_names)} layers")
@@ -59,7 +58,7 @@ def artifact_dir(recipe: Recipe) -> Path:
 
 
 def build_summary(s: Session, state: RunState) -> dict:
-    trainable, total = param_counts(s.model)
+    trainable, total = param_counts(s.model, s.engine.numel)
     times, tokens = state.step_times[1:] or state.step_times, state.tokens[1:] or state.tokens
     mb, ga = s.recipe.train.micro_batch_size, s.recipe.train.grad_accum
     return {
@@ -75,6 +74,9 @@ def build_summary(s: Session, state: RunState) -> dict:
         "nonfinite_steps_skipped": state.nonfinite_total,
         "global_batch_size": mb * ga * s.env.world_size,
         "world_size": s.env.world_size,
+        "engine": s.engine.name,
+        # This rank's resident 4-bit base (from tensor storage): 1/N of it when the engine shards it.
+        "nf4_bytes_per_rank": s.engine.nf4_bytes(s.model),
         "device": str(s.device),
         "quant": s.recipe.quant.method,
         "method": s.recipe.peft.method,
@@ -94,9 +96,10 @@ def _closing(summary: dict, out: Path, artifact: Path) -> str:
 
 
 def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunState:
-    ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s), method=s.recipe.peft.method)
-    if s.engine is not None:
-        ds.load_optimizer_shard(s.engine, ckpt, s.env.rank)
+    s.engine.check_resume(read_trainer_state(ckpt))
+    with s.engine.whole_trainable(modify=True):
+        ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s), method=s.recipe.peft.method)
+    s.engine.load_state(ckpt)
     s.scheduler.load_state_dict(ts["scheduler"])
     stream.load_state_dict(ts["data"])
     state = RunState.from_json(ts["run"])
@@ -104,6 +107,15 @@ def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunSt
         truncate_metrics(metrics, state.step)
     _say(s, f"resumed from {ckpt} (step {state.step})")
     return state
+
+
+def _save_artifact(s: Session) -> None:
+    """The final adapter (or full model), whole, written by rank 0; every rank calls this."""
+    with s.engine.whole_trainable():
+        if s.env.is_main and s.recipe.peft.method == "full":
+            save_model_dir(s.model, s.tokenizer, DTYPES[s.recipe.model.dtype], artifact_dir(s.recipe))
+        elif s.env.is_main:
+            save_adapter(s.model, s.recipe.peft, str(s.base_dir.resolve()), artifact_dir(s.recipe))
 
 
 def train(recipe: Recipe) -> dict:
@@ -114,8 +126,8 @@ def train(recipe: Recipe) -> dict:
     with catch_preemption() as flag, process_group(env, recipe.distributed.timeout_s):
         with fresh_output_dir(out):
             s = prepare(recipe, env)
-            required = required_files(env.world_size, recipe.peft.method) + (ds.shard_files(env.world_size) if s.engine else [])
-            ckpt = find_resume_point(out, recipe.checkpoint.resume, required)
+            load_peak_mib = peak_memory_mib(s.device)  # loading and wrapping the model, before any step
+            ckpt = find_resume_point(out, recipe.checkpoint.resume, s.engine.checkpoint_files(recipe.peft.method))
             out.mkdir(parents=True, exist_ok=True)
         _say(s, _header(s))
         t = recipe.train
@@ -135,14 +147,9 @@ def train(recipe: Recipe) -> dict:
         finally:
             log.close()
         state.last_eval_loss = evaluate(s, flag)
-    summary = build_summary(s, state)
+        _save_artifact(s)  # inside the process group: a sharding engine gathers the adapter
+    summary = {**build_summary(s, state), "peak_memory_load_mib": round(load_peak_mib, 1)}
     if env.is_main:
-        if s.engine is not None:
-            ds.check_adapter_whole(s.model)
-        if recipe.peft.method == "full":
-            save_model_dir(s.model, s.tokenizer, DTYPES[recipe.model.dtype], artifact_dir(recipe))
-        else:
-            save_adapter(s.model, recipe.peft, str(s.base_dir.resolve()), artifact_dir(recipe))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _say(s, _closing(summary, out, artifact_dir(recipe)))
     return summary

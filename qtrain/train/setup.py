@@ -14,8 +14,8 @@ from torch import nn
 
 from qtrain.config.schema import Recipe
 from qtrain.data import DataBundle, build_datasets
-from qtrain.distributed import ddp
-from qtrain.distributed import deepspeed as ds
+from qtrain.distributed import collectives
+from qtrain.distributed.engine import Engine, create_engine
 from qtrain.distributed.env import DistEnv
 from qtrain.errors import ConfigError
 from qtrain.models.arch import is_encoder_decoder
@@ -24,6 +24,7 @@ from qtrain.models.load import load_model
 from qtrain.models.tokenizer import load_tokenizer
 from qtrain.peft.inject import inject_lora, lora_modules
 from qtrain.quant.nf4 import NF4Spec
+from qtrain.quant.shard import RowShard
 from qtrain.train.loss import fused_ce_supported
 from qtrain.train.optim import build_optimizer, build_scheduler
 from qtrain.peft.recompute import checkpoint_kwargs, mark_kept_outputs
@@ -47,8 +48,8 @@ class Session:
     autocast_dtype: torch.dtype | None
     # What forward runs through: the DDP or DeepSpeed wrapper under data parallelism, else `model`.
     forward_model: nn.Module
-    # The DeepSpeed engine (which then owns backward, clipping and the optimizer step), or None.
-    engine: object | None = None
+    # How the model is placed, stepped and checkpointed (qtrain.distributed.engine).
+    engine: Engine | None = None
     # Backend of the fused linear + cross-entropy loss, or None for the logits path (see fused_ce_backend()).
     fused_ce_backend: str | None = None
 
@@ -60,11 +61,11 @@ def kernel_backend(recipe: Recipe) -> str:
         raise ConfigError(str(exc)) from None
 
 
-def fused_ce_backend(recipe: Recipe, model: nn.Module, forward_model: nn.Module) -> str | None:
+def fused_ce_backend(recipe: Recipe, model: nn.Module, engine_owns_forward: bool) -> str | None:
     """"triton" when the fused linear + cross-entropy replaces the logits: `kernels: triton`, a plain
-    lm_head, a decoder-only LoRA run, and one process (under DDP/DeepSpeed the forward must go
-    through their wrapper)."""
-    if kernel_backend(recipe) != "triton" or forward_model is not model or not fused_ce_supported(model):
+    lm_head, a decoder-only LoRA run, and an engine that lets the loss call submodules directly
+    (under DDP/DeepSpeed/FSDP the forward must go through their wrapper or hooks)."""
+    if kernel_backend(recipe) != "triton" or engine_owns_forward or not fused_ce_supported(model):
         return None
     if getattr(model.config, "is_encoder_decoder", False):  # the fused loss is written for decoder-only LMs
         return None
@@ -90,12 +91,14 @@ def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Pat
     base_dir = Path(m.base_dir) if m.base_dir else Path(recipe.output_dir) / "base"
     if env.is_main:  # one writer; the other ranks read it once it is complete
         write_random_base(m.from_config, tokenizer, recipe.seed, DTYPES[m.dtype], base_dir)
-    ddp.barrier()
+    collectives.barrier()
     return base_dir
 
 
-def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[nn.Module, list[str]]:
-    """Streamed (4-bit) base with LoRA attached; only LoRA parameters require grad.
+def build_model(recipe: Recipe, base_dir: Path, device: torch.device,
+                shard: RowShard = RowShard()) -> tuple[nn.Module, list[str]]:
+    """Streamed (4-bit) base with LoRA attached; only LoRA parameters require grad. Under an engine
+    that shards the base, each rank loads only its rows (`shard`); the adapter is created whole.
 
     Full fine-tuning (`peft.method: full`) instead loads the base unquantized with fp32 master
     weights (compute still runs under the recipe's autocast) and trains every parameter; the
@@ -104,7 +107,7 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[n
     full = recipe.peft.method == "full"
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
     dtype = torch.float32 if full else DTYPES[recipe.model.dtype]
-    model = load_model(base_dir, dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code)
+    model = load_model(base_dir, dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code, shard)
     if full:
         names: list[str] = []
         for p in model.parameters():
@@ -123,11 +126,7 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[n
 
 def prepare(recipe: Recipe, env: DistEnv) -> Session:
     kernel_backend(recipe)  # refuse an impossible kernels= before any work
-    ds_config = ds.build_config(recipe, env.world_size) if ds.enabled(recipe) else None
-    if env.world_size > 1 and recipe.distributed.engine == "plain":
-        # Each rank would train its own unsynchronized adapter.
-        raise ConfigError(f"distributed.engine: 'plain' is single-process, but {env.world_size} processes were "
-                          "launched; use 'auto' or 'ddp'")
+    engine = create_engine(recipe, env)  # likewise an impossible engine setting
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     if recipe.train.deterministic:
@@ -137,15 +136,10 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=is_encoder_decoder(recipe.model))
     base_dir = resolve_base_dir(recipe, tokenizer, env)
     torch.manual_seed(recipe.seed)  # LoRA A init
-    model, names = build_model(recipe, base_dir, device)
+    model, names = build_model(recipe, base_dir, device, engine.row_shard())
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, recipe.train, device)
+    optimizer = engine.wrap(model, lambda params: build_optimizer(params, recipe.train, device))
     scheduler = build_scheduler(optimizer, recipe.train)
-    engine = None
-    if ds_config is not None:
-        forward_model = engine = ds.wrap(model, optimizer, ds_config, recipe.distributed.timeout_s)
-    else:
-        forward_model = ddp.wrap(model, device) if ddp.active() else model
     return Session(recipe, env, device, tokenizer, data, base_dir, model, names, optimizer, scheduler,
-                   autocast_dtype(recipe), forward_model, engine, fused_ce_backend(recipe, model, forward_model))
+                   autocast_dtype(recipe), engine.forward_model, engine,
+                   fused_ce_backend(recipe, model, engine.owns_forward))
