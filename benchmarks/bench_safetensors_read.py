@@ -1,12 +1,12 @@
-"""Reading a model's rows from safetensors: the library (what the loader uses) vs plain file reads.
+"""Reading a model's rows from safetensors: qtrain's plain reads (what the loader uses) vs the library.
 
     python -m benchmarks.bench_safetensors_read [--hidden 1024] [--layers 12] [--rounds 3] [--world 1]
 
 The loader reads each tensor in row chunks of ~1M values and converts them to fp32 for
 quantization. Two readers do exactly that, each in a fresh interpreter, over the same bf16 file:
-- `library`: `safe_open(path).get_slice(name)[rows]`, the file opened per tensor and each slice
-  copied (qtrain.models.load.TensorReader);
-- `plain`: parse the header and `readinto` a tensor we allocate (the reader qtrain had before).
+- `plain`: qtrain's `SafetensorsFile.rows` (parse the header, `readinto` a tensor we allocate);
+- `library`: `safe_open(path).get_slice(name)[rows]`, the file opened per tensor (so one tensor
+  is mapped at a time), the fp32 conversion being the only copy.
 With `--world N` each reader reads rank 0's rows only (torch.chunk order), as a sharded load does.
 Reported per reader: seconds and peak RSS above the starting RSS (anonymous and file-backed
 pages; a mapped file's pages count while mapped), one sample per round.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import subprocess
 import sys
 import threading
@@ -34,36 +33,32 @@ def _rss_kib() -> int:
     return 0
 
 
-def _plain_reads(path: Path, world: int):
-    import torch
+def _chunks(shape: list[int], world: int) -> list[tuple[int, int]]:
+    """Rank 0's rows of a tensor of `shape`, in chunks of ~CHUNK values (as the loader reads them)."""
+    cols = max(1, CHUNK // max(1, shape[1] if len(shape) > 1 else 1))
+    stop = min(-(-shape[0] // world), shape[0])
+    return [(r, min(stop, r + cols)) for r in range(0, stop, cols)]
 
-    dtypes = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
-        for info in header.values():
-            shape, dtype = info["shape"], dtypes[info["dtype"]]
-            cols = max(1, int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1)
-            per = -(-shape[0] // world)
-            row_bytes = cols * torch.empty((), dtype=dtype).element_size()
-            for r in range(0, min(per, shape[0]), max(1, CHUNK // cols)):
-                rows = min(max(1, CHUNK // cols), min(per, shape[0]) - r)
-                out = torch.empty((rows, *shape[1:]), dtype=dtype)
-                fh.seek(8 + n + info["data_offsets"][0] + r * row_bytes)
-                fh.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
-                yield out
+
+def _plain_reads(path: Path, world: int):
+    from qtrain.models.safetensors_read import SafetensorsFile
+
+    with SafetensorsFile(path) as fh:
+        for key in fh.keys():
+            for start, stop in _chunks(list(fh.shape(key)), world):
+                yield fh.rows(key, start, stop)
 
 
 def _library_reads(path: Path, world: int):
-    from qtrain.models.load import iter_tensors
+    from safetensors import safe_open
 
-    for reader in iter_tensors([path]):
-        shape = reader.shape
-        cols = max(1, CHUNK // max(1, (shape[1] if len(shape) > 1 else 1)))
-        stop = min(-(-shape[0] // world), shape[0])
-        for r in range(0, stop, cols):
-            yield reader.rows(r, min(stop, r + cols))
+    with safe_open(str(path), framework="pt") as fh:
+        keys = list(fh.keys())
+    for key in keys:
+        with safe_open(str(path), framework="pt") as fh:  # per tensor: one tensor mapped at a time
+            view = fh.get_slice(key)
+            for start, stop in _chunks(view.get_shape(), world):
+                yield view[start:stop]
 
 
 def measure(reader: str, path: Path, world: int) -> dict:

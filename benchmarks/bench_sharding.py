@@ -21,6 +21,7 @@ rank at 2 ranks <= 1 rank's - 0.4 x the NF4 model size. Results are keyed by the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -38,6 +39,13 @@ ZERO3 = {"zero_optimization": {"stage": 3}}
 
 def write_model(hidden: int, layers: int, intermediate: int | None = None, vocab: int = 32000) -> Path:
     """The random-init bf16 Llama dir (written once, reused after)."""
+    # stdout carries only the JSON result: libraries imported here (deepspeed, through
+    # transformers) attach logging handlers to stdout when they are first imported.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _write_model(hidden, layers, intermediate, vocab)
+
+
+def _write_model(hidden: int, layers: int, intermediate: int | None, vocab: int) -> Path:
     import torch
 
     from qtrain.models.build import write_random_base

@@ -8,29 +8,20 @@ the compute dtype and placed. Peak host memory is the quantized model plus one s
 
 Under an engine that shards the base (FSDP2, ZeRO-3; see `RowShard`) every rank reads only the
 rows it will own (for an NF4 weight: whole quantization blocks), quantizes them and keeps only
-those: peak host memory per rank is its share of the NF4 model plus one chunk. We chose per-rank
-row reads over "rank 0 reads and scatters" because every rank then reads and quantizes 1/N of
-the model in parallel and no rank ever holds more than its share; the price is one all-gather
-of the block absmax per double-quantized weight (4 bytes per 64 weights).
+those: peak host memory per rank is its share of the NF4 model plus one chunk. Per-rank row reads
+rather than "rank 0 reads and scatters block by block": both hold one tensor beyond the share,
+but here every rank reads and quantizes 1/N of the model in parallel instead of N-1 ranks
+waiting on one, for one all-gather of the block absmax per double-quantized weight (4 bytes per
+64 weights). A reasoned choice, not a measured one (no scatter loader was written to compare);
+`python -m benchmarks.bench_sharding` reports each rank's peak while loading.
 
-Reads go through safetensors' own `safe_open(...).get_slice(name)[rows]`, opened per tensor:
-the library maps the file, so pages it touched stay resident until the mapping closes, and a
-tensor it returns is a view that keeps the mapping alive; opening per tensor and copying what
-we keep bounds that to one tensor. Measured against the hand-written plain-read reader this
-module used before (`python -m benchmarks.bench_safetensors_read`, 298 MiB bf16 file, every
-row read in 1M-value chunks and converted to fp32, 2-core EPYC, 3 runs each): time 0.55-0.81 s
-(library) vs 0.68-0.81 s (plain reads), peak RSS +23-34 MiB vs +15-27 MiB: the plain reader
-saved one tensor's mapped pages and no time, so it did not earn its keep.
-
-Decoder-only and encoder-decoder (T5 family) models load alike; the skeleton's class comes from
-the config (see arch.py). Linears a model lists in `_keep_in_fp32_modules` (T5's `wo`) stay
-unquantized, as transformers' own 4-bit loading keeps them, and are fp32 when the compute dtype
-is fp16 (transformers' rule: fp16 overflows there).
+Reads go through `SafetensorsFile` (plain reads into tensors we own; see safetensors_read.py
+for why it is kept over the library's mapped `get_slice`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +31,7 @@ from torch import nn
 
 from qtrain.errors import ModelError
 from qtrain.models.arch import auto_model_class, read_config
+from qtrain.models.safetensors_read import SafetensorsFile
 from qtrain.quant.linear import NF4Linear
 from qtrain.quant.nf4 import NF4Spec, NF4Weight
 from qtrain.quant.shard import RowShard, mark_full_shape
@@ -60,44 +52,11 @@ def shard_files(model_dir: Path) -> list[Path]:
                      "model.safetensors.index.json; convert .bin checkpoints with save_pretrained(safe_serialization=True))")
 
 
-@contextlib.contextmanager
-def open_safetensors(path: Path):
-    """`safe_open` with a ModelError naming the file for a truncated or corrupt one."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        fh = safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as exc:
-        raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
-    with fh:
-        yield fh
-
-
-class TensorReader:
-    """One tensor of a safetensors file; each read opens the file, copies the rows, and closes it."""
-
-    def __init__(self, path: Path, key: str, shape: tuple[int, ...]) -> None:
-        self.path, self.key, self.shape = path, key, tuple(shape)
-
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        with open_safetensors(self.path) as fh:
-            # A view of the mapped file: copy it, so nothing keeps the mapping (and its pages) alive.
-            return fh.get_slice(self.key)[start:stop].clone()
-
-    def read(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The whole tensor, or rows [start, stop) of it."""
-        if rows is not None:
-            return self.rows(*rows)
-        with open_safetensors(self.path) as fh:
-            return fh.get_tensor(self.key).clone()
-
-
-def iter_tensors(files: list[Path]) -> Iterator[TensorReader]:
+def iter_tensors(files: list[Path]) -> Iterator[tuple[SafetensorsFile, str]]:
     for f in files:
-        with open_safetensors(f) as fh:
-            listing = [(key, tuple(fh.get_slice(key).get_shape())) for key in fh.keys()]
-        for key, shape in listing:
-            yield TensorReader(f, key, shape)
+        with SafetensorsFile(f) as fh:
+            for key in fh.keys():
+                yield fh, key
 
 
 def keep_in_fp32(model: nn.Module, module_name: str) -> bool:
@@ -150,20 +109,21 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     biases: dict[str, nn.Parameter] = {}
-    for reader in iter_tensors(files):
-        module_name, _, leaf = reader.key.rpartition(".")
+    for fh, key in iter_tensors(files):
+        module_name, _, leaf = key.rpartition(".")
         if module_name in to_quantize:
-            loaded.add(reader.key)
+            loaded.add(key)
             if leaf == "weight":
-                nf4 = NF4Weight.quantize_rows(reader.rows, reader.shape, dtype, quantize, shard, device, CHUNK_ELEMS)
+                rows = functools.partial(fh.rows, key)
+                nf4 = NF4Weight.quantize_rows(rows, fh.shape(key), dtype, quantize, shard, device, CHUNK_ELEMS)
                 model.set_submodule(module_name, NF4Linear(nf4, None, backend))
             else:
-                biases[module_name] = local_parameter(reader, shard, device, dtype)
+                biases[module_name] = local_parameter(fh, key, shard, device, dtype)
             continue
-        if reader.key not in params:
+        if key not in params:
             continue  # e.g. rotary tables some checkpoints carry; the model builds its own
-        place_parameter(model, reader.key, local_parameter(reader, shard, device, param_dtype(model, reader.key, dtype)))
-        loaded.add(reader.key)
+        place_parameter(model, key, local_parameter(fh, key, shard, device, param_dtype(model, key, dtype)))
+        loaded.add(key)
     for name, bias in biases.items():
         model.get_submodule(name).bias = bias
     tie_missing(model, set(params) - loaded)
@@ -172,14 +132,16 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     return model
 
 
-def local_parameter(reader: TensorReader, shard: RowShard, device: torch.device, dtype: torch.dtype) -> nn.Parameter:
+def local_parameter(fh: SafetensorsFile, key: str, shard: RowShard, device: torch.device,
+                    dtype: torch.dtype) -> nn.Parameter:
     """A frozen parameter of this rank's rows of a tensor kept unquantized (floats cast to `dtype`)."""
-    rows = None if shard.whole or not reader.shape else shard.rows(reader.shape[0])
-    tensor = reader.read(rows)
+    shape = fh.shape(key)
+    rows = None if shard.whole or not shape else shard.rows(shape[0])
+    tensor = fh.read(key) if rows is None else fh.rows(key, *rows)
     value = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
     param = nn.Parameter(value, requires_grad=False)
     if rows is not None:
-        mark_full_shape(param, reader.shape)
+        mark_full_shape(param, shape)
     return param
 
 
@@ -193,7 +155,7 @@ def tie_missing(model: nn.Module, missing: set[str]) -> None:
 
 
 def place_parameter(model: nn.Module, key: str, param: nn.Parameter) -> None:
-    """Replace the (meta) parameter `key` with `param` (which owns its memory: see TensorReader)."""
+    """Replace the (meta) parameter `key` with `param` (which owns its memory: see safetensors_read.py)."""
     module_name, _, leaf = key.rpartition(".")
     model.get_submodule(module_name)._parameters[leaf] = param
 
