@@ -44,9 +44,11 @@ def check_values(r: Recipe) -> list[str]:
         if r.quant.method != "none":
             p.append(f"peft.method: 'full' trains every weight, and a {r.quant.method} base cannot be trained; "
                      "set quant.method: none (or peft.method: lora for QLoRA)")
-        if r.distributed.deepspeed_config is not None or r.distributed.engine in ("deepspeed", "fsdp"):
-            p.append(f"peft.method: 'full' is not supported under distributed.engine: {r.distributed.engine} yet; "
-                     "use distributed.engine: ddp (or auto without deepspeed_config)")
+        if r.distributed.deepspeed_config is not None or r.distributed.engine == "deepspeed":
+            p.append("peft.method: 'full' is not supported under DeepSpeed yet; use distributed.engine: ddp "
+                     "(or auto without deepspeed_config)")
+        elif r.distributed.engine == "fsdp":
+            p.append("peft.method: 'full' is not supported under FSDP yet; use distributed.engine: ddp or auto")
     c = r.compare
     if not c.variants:
         p.append("compare.variants: empty list; name some of base, full, lora, qlora")
