@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks._harness import REPO
 
 
 def torchrun_train(nproc: int, overrides: list[str], label: str, recipe: str = "configs/quickstart.yaml") -> dict:

@@ -15,7 +15,8 @@ Per run, from the ranks' summary.json and the kernel's accounting:
   peak_rss_mib_per_rank  the largest rank's lifetime peak RSS (load + train)
   tokens_per_s           all ranks together
 The bars (from the issue): nf4 bytes per rank at N ranks <= 1.05 x (1 rank's) / N; peak RSS per
-rank at 2 ranks <= 1 rank's - 0.4 x the NF4 model size. Results are keyed by the CPU's name.
+rank at 2 ranks <= 1 rank's - 0.4 x the NF4 model size. Results are keyed by the CPU (its name and
+bf16-relevant ISA, as every benchmark's).
 """
 
 from __future__ import annotations
@@ -24,16 +25,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import _harness as h
 from benchmarks._launch import torchrun_train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = h.REPO
 ZERO3 = {"zero_optimization": {"stage": 3}}
 
 
@@ -60,16 +59,6 @@ def _write_model(hidden: int, layers: int, intermediate: int | None, vocab: int)
     return write_random_base(cfg, tokenizer, 0, torch.bfloat16, out)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def run_child(args: argparse.Namespace, engine: str, nproc: int) -> dict:
     """In a fresh process: one torchrun run, its summary and its ranks' peak RSS."""
     extra = [f"distributed.engine={'deepspeed' if engine == 'zero3' else engine}"]
@@ -88,7 +77,7 @@ def run_child(args: argparse.Namespace, engine: str, nproc: int) -> dict:
             "peak_rss_mib_per_rank": summary["peak_rss_mib_per_rank"],
             "tokens_per_s": summary["tokens_per_s"] * summary["world_size"],
             "median_step_s": summary["median_step_s"], "final_train_loss": summary["final_train_loss"],
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+            "loadavg_1m": h.loadavg()}
 
 
 def bars(rows: list[dict]) -> dict:
@@ -137,24 +126,20 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.procs:
             cmd = [sys.executable, "-m", "benchmarks.bench_sharding", "--child", engine, str(n), "--steps",
                    str(args.steps), "--model-dir", str(model_dir)]
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(proc.stderr[-3000:])
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(h.run_json(cmd, f"bench_sharding: {engine} x {n}"))
     ddp = {r["procs"]: r for r in rows if r["engine"] == "ddp"}
     for r in rows:  # against DDP at the same world size
         base = ddp.get(r["procs"])
         r["tokens_per_s_vs_ddp"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3) if base else None
         r["peak_rss_vs_ddp"] = round(r["peak_rss_mib_per_rank"] / base["peak_rss_mib_per_rank"], 3) if base else None
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
-              "cpu_count": os.cpu_count(), "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
+    result = {"date": h.now(), "device": h.cpu_key(1), "cpu": h.cpu_name(), "cpu_count": os.cpu_count(), "hidden": args.hidden, "layers": args.layers, "steps": args.steps,
               "model_file_mib": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20, 1),
               "runs": rows, "bars": bars(rows)}
     print(json.dumps(result, indent=2))
     if args.out:
         from benchmarks._results import merge_result
 
-        merge_result(args.out, result["cpu"], result)
+        merge_result(args.out, result["device"], result)
 
 
 if __name__ == "__main__":

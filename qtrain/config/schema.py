@@ -26,7 +26,10 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     # Where a `from_config` base is written as a normal HF dir; default <output_dir>/base.
     base_dir: Optional[str] = None
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # Compute dtype of the unquantized weights and of NF4 dequantization. auto: bf16 where the device
+    # computes it natively (CUDA >= 8.0, CPUs with AVX-512 BF16 or AMX), fp16 with loss scaling on older
+    # GPUs, fp32 on other CPUs (see qtrain/models/precision.py).
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     trust_remote_code: bool = False
 
 
@@ -78,9 +81,10 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "paged_adamw_8bit"
     grad_clip: Optional[float] = 1.0
     gradient_checkpointing: bool = True
-    # With checkpointing: what backward recomputes (see qtrain/train/recompute.py).
+    # With checkpointing: what backward recomputes (see qtrain/peft/recompute.py).
     recompute: Literal["full", "attention", "matmuls"] = "full"
-    # bf16 autocast around forward/backward; `auto` = on when model.dtype is bfloat16.
+    # Autocast around forward/backward. auto: in the compute dtype when it is 16-bit (bf16, or fp16 with
+    # loss scaling), none for fp32; on: also bf16 autocast over fp32 weights; off: never.
     autocast: Literal["auto", "on", "off"] = "auto"
     # On a NaN/inf loss or gradient norm: skip the step (stop after max_nonfinite_in_row in a
     # row) or stop at once; either way the last good state is checkpointed before stopping.
@@ -118,8 +122,13 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = 10
+    # Event files under <output_dir>/tensorboard (needs the `tensorboard` package).
     tensorboard: bool = False
+    # Weights & Biases (needs `wandb`): offline unless wandb_mode is online or WANDB_MODE says so.
     wandb: bool = False
+    wandb_project: str = "qtrain"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    # A progress bar on a terminal, one line per logged step otherwise (e.g. SLURM logs).
     progress: bool = True
 
 

@@ -54,6 +54,7 @@ class DeepSpeedEngine(PlainEngine):
     name = "deepspeed"
     owns_forward = True
     reshards = False  # each rank's optimizer partition is a slice of ZeRO's flat buffers
+    supports_loss_scaling = False  # DeepSpeed would need its own fp16 section; qtrain's autocast owns precision
 
     def __init__(self, recipe: Recipe, env: DistEnv) -> None:
         super().__init__(recipe, env)
@@ -87,7 +88,7 @@ class DeepSpeedEngine(PlainEngine):
         whole step) and its step, which applies the update only at the accumulation boundary;
         there ZeRO averages gradients over ranks, clips, and skips the update (zeroing the
         gradients) when any rank's gradients are non-finite."""
-        if scaler is not None:
+        if scaler is not None and scaler.enabled:  # refused at setup (supports_loss_scaling)
             raise ConfigError("fp16 loss scaling is not supported under DeepSpeed yet; use bf16 or fp32")
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()

@@ -19,8 +19,10 @@ What an engine owns, in the order a run uses it:
 - `save_state` / `load_state` / `checkpoint_files` / `optimizer_record` / `check_resume`: the
   engine's part of a checkpoint, inside the atomic commit protocol of `qtrain.checkpoint.store`.
 
-Mixed precision is qtrain's own autocast; an optional `torch.amp.GradScaler` (fp16 loss
-scaling) can be passed to `backward` and `step`, where plain/DDP/FSDP unscale before clipping.
+Mixed precision is qtrain's own autocast; fp16 loss scaling is a `LossScaler`
+(qtrain.train.scaler: `scale`, `unscale`, `step(optimizer, apply)`) passed to `backward` and
+`step`, which unscale before clipping; engines that do not run it say so
+(`supports_loss_scaling`) and the run is refused before any work.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class Engine(abc.ABC):
     owns_forward: bool
     # Whether a checkpoint of another world size can be resumed (the optimizer state re-shards).
     reshards: bool
+    # Whether `backward`/`step` run fp16 dynamic loss scaling (qtrain.train.scaler.LossScaler).
+    supports_loss_scaling: bool
     model: nn.Module | None
     forward_model: nn.Module | None
     optimizer: torch.optim.Optimizer | None

@@ -47,6 +47,7 @@ class FSDPEngine(PlainEngine):
     name = "fsdp"
     owns_forward = True
     reshards = True
+    supports_loss_scaling = False  # GradScaler's unscale on DTensor shards is untested here
 
     def __init__(self, recipe: Recipe, env: DistEnv) -> None:
         super().__init__(recipe, env)

@@ -25,6 +25,7 @@ class PlainEngine(Engine):
     name = "plain"
     owns_forward = False
     reshards = True  # a whole optimizer state fits any number of processes
+    supports_loss_scaling = True
 
     def __init__(self, recipe: Recipe, env: DistEnv) -> None:
         self.recipe, self.env, self.device = recipe, env, env.device()
@@ -49,19 +50,16 @@ class PlainEngine(Engine):
         (loss if scaler is None else scaler.scale(loss)).backward()
 
     def step(self, loss_finite: bool, scaler=None) -> StepOutcome:
-        """Clip, then apply the update unless the loss or the gradient norm is non-finite."""
+        """Unscale (fp16), clip, then apply the update unless the loss or the gradient norm is non-finite."""
         opt = self.optimizer
         if scaler is not None:
-            scaler.unscale_(opt)
+            scaler.unscale(opt)  # clip and judge the true gradients, not the scaled ones
         norm = self.clip_grad_norm(self.recipe.train.grad_clip)
         applied = loss_finite and math.isfinite(norm)
-        if applied:
-            if scaler is not None:
-                scaler.step(opt)
-            else:
-                opt.step()
         if scaler is not None:
-            scaler.update()
+            scaler.step(opt, apply=applied)  # and adapt the scale (it backs off after an overflow)
+        elif applied:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return StepOutcome(norm, applied)
 

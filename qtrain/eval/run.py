@@ -37,7 +37,8 @@ from qtrain.models.arch import is_encoder_decoder
 from qtrain.models.load import load_model
 from qtrain.models.tokenizer import load_tokenizer
 from qtrain.quant.nf4 import NF4Spec
-from qtrain.train.setup import DTYPES, autocast_dtype, kernel_backend, resolve_base_dir
+from qtrain.models.precision import Precision, resolve_precision
+from qtrain.train.setup import autocast_dtype, kernel_backend, resolve_base_dir
 
 
 @dataclass
@@ -79,9 +80,10 @@ def full_model_dir(recipe: Recipe, opts: EvalOptions) -> Optional[Path]:
     return path
 
 
-def build_eval_model(recipe: Recipe, base_dir: Path, adapter: Optional[Path], device: torch.device) -> nn.Module:
+def build_eval_model(recipe: Recipe, base_dir: Path, adapter: Optional[Path], device: torch.device,
+                     precision: Precision) -> nn.Module:
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
-    model = load_model(base_dir, DTYPES[recipe.model.dtype], device, spec, kernel_backend(recipe),
+    model = load_model(base_dir, precision.dtype, device, spec, kernel_backend(recipe),
                        recipe.model.trust_remote_code)
     adapters = AdapterSet(model)
     if adapter is not None:
@@ -125,13 +127,15 @@ def evaluate_recipe(recipe: Recipe, opts: EvalOptions, recipe_path: str = "recip
     if opts.max_gen_rows is not None:
         refs.rows = refs.rows[: opts.max_gen_rows]
     base_dir = trained_dir or resolve_base_dir(recipe, tokenizer)
-    model = build_eval_model(recipe, base_dir, adapter, device)
-    amp = autocast_dtype(recipe)
+    precision = resolve_precision(recipe.model.dtype, device)
+    model = build_eval_model(recipe, base_dir, adapter, device, precision)
+    amp = autocast_dtype(recipe, precision)
     loss = eval_loss(model, data.eval, tokenizer.pad_token_id, batch, device, amp)
     _say(f"eval: loss {loss.loss:.4f}, perplexity {loss.perplexity:.3f} over {loss.tokens} tokens")
     report = {
         "recipe": recipe_path, "adapter": str(adapter) if adapter else None, "base": str(base_dir),
         "quant": recipe.quant.method, "dtype": recipe.model.dtype,
+        "compute_dtype": precision.name, "compute_dtype_reason": precision.reason,
         "eval_loss": loss.loss, "perplexity": loss.perplexity, "eval_tokens": loss.tokens,
         "eval_sequences": loss.sequences, "rouge": None, "generation": None,
     }

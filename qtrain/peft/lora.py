@@ -45,7 +45,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         # Set by the trainer when gradient checkpointing is on (see qtrain_kernels.lora_linear).
         self.save_weight_for_backward = False
-        # Set by the trainer under selective recompute (qtrain.train.recompute).
+        # Set by the trainer under selective recompute (train.recompute; qtrain/peft/recompute.py).
         self.keep_output = False
         self.adapter_enabled = True
         self._weight_fn = dense_weight_fn(base)

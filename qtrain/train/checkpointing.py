@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qtrain.checkpoint import store
+from qtrain.checkpoint.space import checkpoint_mib, disk_full_stop
 from qtrain.checkpoint.train_state import save_rank_state, save_shared_state
 from qtrain.data import BatchStream
 from qtrain.train.faults import FaultPlan
@@ -12,8 +13,8 @@ from qtrain.train.setup import Session
 def trainer_state(s: Session, run_state: dict, stream: BatchStream) -> dict:
     """Step, schedule, data position, and what a resume must match (engine, processes, global micro-batch)."""
     return {"step": run_state["step"], "scheduler": s.scheduler.state_dict(), "data": stream.state_dict(),
-            "run": run_state, "world_size": s.env.world_size, "seed": s.recipe.seed, "engine": s.engine.name,
-            "global_micro_batch": s.recipe.train.micro_batch_size * s.env.world_size}
+            "run": run_state, "world_size": s.env.world_size, "seed": s.recipe.seed, "scaler": s.scaler.state_dict(),
+            "engine": s.engine.name, "global_micro_batch": s.recipe.train.micro_batch_size * s.env.world_size}
 
 
 def checkpoint_optimizer(s: Session):
@@ -21,7 +22,25 @@ def checkpoint_optimizer(s: Session):
     return s.engine.optimizer_record()
 
 
+def checkpoint_size_mib(s: Session) -> float:
+    return checkpoint_mib(sum(s.engine.numel(p) for p in s.model.parameters() if p.requires_grad), s.recipe.train.optimizer)
+
+
+def newest_checkpoint_text(out) -> str:
+    steps = store.committed_steps(out)
+    return f"{steps[0][1].name} is the newest complete checkpoint" if steps else "no checkpoint was saved yet"
+
+
 def save_checkpoint(s: Session, run_state: dict, stream: BatchStream, faults: FaultPlan) -> None:
+    """Save every part of the step's state inside the commit protocol; a full disk stops the run cleanly."""
+    step = run_state["step"]
+    out = s.recipe.output_dir
+    with disk_full_stop(f"checkpoint step-{step}", store.checkpoints_root(out), checkpoint_size_mib(s),
+                        newest_checkpoint_text(out), cleanup=lambda: store.abort(out, step)):
+        _save(s, run_state, stream, faults)
+
+
+def _save(s: Session, run_state: dict, stream: BatchStream, faults: FaultPlan) -> None:
     step = run_state["step"]
     out = s.recipe.output_dir
     # All ranks write into one temporary dir: rank 0 creates it, each adds its RNG state, and

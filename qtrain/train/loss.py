@@ -8,6 +8,9 @@ right one from the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,3 +78,21 @@ def seq2seq_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """Sum of cross-entropy in fp32 of logits against their own (unshifted) labels, ignoring -100."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def nll_sum(chunks: Iterable[Sequence[Any]], to_batch: Callable[[Sequence[Any]], dict[str, torch.Tensor]],
+            loss_sum: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+            stop: Callable[[], bool] = lambda: False) -> Optional[tuple[float, int]]:
+    """(summed NLL, trained tokens) over the batches of `chunks`; None if `stop()` turns true first.
+
+    Each chunk becomes a device batch through `to_batch`; `loss_sum(batch)` is its token-sum loss
+    and `batch_trained_tokens` counts the tokens it is over, for the batch's architecture.
+    """
+    total, count = 0.0, 0
+    for chunk in chunks:
+        if stop():
+            return None
+        batch = to_batch(chunk)
+        total += float(loss_sum(batch))
+        count += batch_trained_tokens(batch)
+    return total, count

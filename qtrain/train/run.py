@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,19 +12,23 @@ from typing import Iterator
 from qtrain.checkpoint.adapter_io import save_adapter
 from qtrain.checkpoint.atomic import atomic_write_text
 from qtrain.checkpoint.full_io import save_model_dir
-from qtrain.checkpoint.resume import find_resume_point
+from qtrain.checkpoint.lock import RunLock
+from qtrain.checkpoint.resume import find_resume_point, warn
+from qtrain.checkpoint.space import disk_full_stop, space_warning
 from qtrain.checkpoint.train_state import read_trainer_state, restore
 from qtrain.config.schema import Recipe
 from qtrain.data import BatchStream
-from qtrain.distributed.collectives import process_group
-from qtrain.distributed.env import read_env
-from qtrain.errors import EXIT_PREEMPTED, QtrainError, TrainingStopped
-from qtrain.train.checkpointing import checkpoint_optimizer
+from qtrain.distributed.collectives import any_rank, process_group
+from qtrain.distributed.env import DistEnv, read_env
+from qtrain.errors import EXIT_PREEMPTED, ConfigError, QtrainError, TrainingStopped
+from qtrain.plan.planner import run_estimate
+from qtrain.train.checkpointing import checkpoint_optimizer, checkpoint_size_mib, newest_checkpoint_text
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import catch_preemption
 from qtrain.train.loop import RunState, evaluate, run_loop
-from qtrain.train.metrics import MetricsLog, median_step_s, param_counts, peak_memory_mib, truncate_metrics
-from qtrain.train.setup import DTYPES, Session, prepare
+from qtrain.train.metrics import median_step_s, param_counts, peak_memory_mib, truncate_metrics
+from qtrain.train.sinks import Sinks, open_sinks
+from qtrain.train.setup import Session, prepare
 
 
 @contextlib.contextmanager
@@ -38,6 +43,24 @@ def fresh_output_dir(path: Path) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def output_dir_lock(out: Path, env: DistEnv) -> Iterator[None]:
+    """Rank 0 holds the output_dir's run lock for the whole run; every rank stops if it is taken."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(out).acquire()
+        except ConfigError as exc:
+            error = exc
+    if any_rank(error is not None, env.device()):
+        raise error or ConfigError(f"output_dir: {out} is in use by another qtrain run (see rank 0's message)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _say(s: Session, text: str) -> None:
     if s.env.is_main:
         print(text, flush=True)
@@ -48,8 +71,11 @@ def _header(s: Session) -> str:
     r = s.recipe
     what = ("full fine-tuning (fp32 master weights)" if r.peft.method == "full"
             else f"LoRA r={r.peft.r} on {len(s.target_names)} layers")
+    scaling = " with dynamic loss scaling" if s.scaler.enabled else ""
     return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
-            f"of {total:,} params ({100 * trainable / total:.3f}%)\n{s.data.report.summary_line()}")
+            f"of {total:,} params ({100 * trainable / total:.3f}%)\n"
+            f"precision: {s.precision.name} compute{scaling} ({s.precision.reason})\n{s.data.report.summary_line()}\n"
+            f"{run_estimate(r, s.base_dir, s.env.world_size, s.device.type).line}")
 
 
 def artifact_dir(recipe: Recipe) -> Path:
@@ -69,9 +95,15 @@ def build_summary(s: Session, state: RunState) -> dict:
         "median_step_s": median_step_s(state.step_times),
         "tokens_per_s": sum(tokens) / sum(times) if times and sum(times) > 0 else None,
         "peak_memory_mib": round(peak_memory_mib(s.device), 1),
+        "planned_peak_memory_mib": run_estimate(s.recipe, s.base_dir, s.env.world_size, s.device.type).peak_mib,
         "final_train_loss": state.last_loss,
         "final_eval_loss": state.last_eval_loss,
         "nonfinite_steps_skipped": state.nonfinite_total,
+        "compute_dtype": s.precision.name,
+        "compute_dtype_reason": s.precision.reason,
+        "autocast_dtype": None if s.autocast_dtype is None else str(s.autocast_dtype).replace("torch.", ""),
+        "loss_scaling": s.scaler.enabled,
+        "loss_scale_overflows": state.loss_scale_overflows,
         "global_batch_size": mb * ga * s.env.world_size,
         "world_size": s.env.world_size,
         "engine": s.engine.name,
@@ -85,14 +117,40 @@ def build_summary(s: Session, state: RunState) -> dict:
     }
 
 
-def _closing(summary: dict, out: Path, artifact: Path) -> str:
+def _closing(summary: dict, out: Path, artifacts: dict[str, Path]) -> str:
     ev = summary["final_eval_loss"]
     ev_text = f", eval loss {ev:.4f}" if ev is not None else ""
     med, tps = summary["median_step_s"], summary["tokens_per_s"]
     speed = f"median step {med:.3f}s, {tps:.0f} tokens/s, " if med is not None and tps is not None else ""
     return (f"done: {summary['steps']} steps, final train loss {summary['final_train_loss']:.4f}{ev_text}; "
             f"{speed}peak memory {summary['peak_memory_mib']:.0f} MiB\n"
-            f"{artifact.name}: {artifact}\nsummary: {out / 'summary.json'}")
+            + "".join(f"{name}: {path}\n" for name, path in artifacts.items() if Path(path).exists())
+            + f"summary: {out / 'summary.json'}")
+
+
+def artifact_mib(s: Session) -> float:
+    """The final artifact's size: the adapter in fp32, or after full fine-tuning every weight in the compute dtype."""
+    trainable, total = param_counts(s.model, s.engine.numel)
+    if s.recipe.peft.method == "full":
+        return total * s.precision.dtype.itemsize / 2**20
+    return trainable * 4 / 2**20
+
+
+def warn_if_space_short(s: Session) -> None:
+    message = space_warning(Path(s.recipe.output_dir), s.recipe.checkpoint.keep, checkpoint_size_mib(s), artifact_mib(s))
+    if message and s.env.is_main:
+        warn(message)
+
+
+def save_artifacts(s: Session, summary: dict) -> None:
+    """The run's result (adapter, or full model dir) and summary.json, each written atomically
+    (rank 0, inside the engine's `whole_trainable`)."""
+    recipe = s.recipe
+    if recipe.peft.method == "full":
+        save_model_dir(s.model, s.tokenizer, s.precision.dtype, artifact_dir(recipe))
+    else:
+        save_adapter(s.model, recipe.peft, str(s.base_dir.resolve()), artifact_dir(recipe))
+    atomic_write_text(Path(recipe.output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
 def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunState:
@@ -101,6 +159,7 @@ def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunSt
         ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s), method=s.recipe.peft.method)
     s.engine.load_state(ckpt)
     s.scheduler.load_state_dict(ts["scheduler"])
+    s.scaler.load_state_dict(ts.get("scaler", {}))
     stream.load_state_dict(ts["data"])
     state = RunState.from_json(ts["run"])
     if s.env.is_main:
@@ -109,27 +168,25 @@ def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunSt
     return state
 
 
-def _save_artifact(s: Session) -> None:
-    """The final adapter (or full model), whole, written by rank 0; every rank calls this."""
-    with s.engine.whole_trainable():
-        if s.env.is_main and s.recipe.peft.method == "full":
-            save_model_dir(s.model, s.tokenizer, DTYPES[s.recipe.model.dtype], artifact_dir(s.recipe))
-        elif s.env.is_main:
-            save_adapter(s.model, s.recipe.peft, str(s.base_dir.resolve()), artifact_dir(s.recipe))
-
-
 def train(recipe: Recipe) -> dict:
     """Run `recipe` to completion (or to a checkpointed stop); returns the summary also written to summary.json."""
+    with contextlib.ExitStack() as held:  # the output_dir lock, until the last artifact is written
+        return _train(recipe, held)
+
+
+def _train(recipe: Recipe, held: contextlib.ExitStack) -> dict:
     out = Path(recipe.output_dir)
     env = read_env()
     faults = FaultPlan(env.rank)
     with catch_preemption() as flag, process_group(env, recipe.distributed.timeout_s):
         with fresh_output_dir(out):
+            held.enter_context(output_dir_lock(out, env))
             s = prepare(recipe, env)
             load_peak_mib = peak_memory_mib(s.device)  # loading and wrapping the model, before any step
             ckpt = find_resume_point(out, recipe.checkpoint.resume, s.engine.checkpoint_files(recipe.peft.method))
             out.mkdir(parents=True, exist_ok=True)
         _say(s, _header(s))
+        warn_if_space_short(s)
         t = recipe.train
         stream = BatchStream(len(s.data.train), t.micro_batch_size, recipe.seed, env.rank, env.world_size)
         metrics = out / "metrics.jsonl"
@@ -141,15 +198,20 @@ def train(recipe: Recipe) -> dict:
                 metrics.unlink(missing_ok=True)
         if flag:
             raise TrainingStopped(f"preempted by signal {flag.signal} before the first step", EXIT_PREEMPTED)
-        log = MetricsLog(metrics)
+        log = open_sinks(recipe.logging, out, metrics, state.step, dataclasses.asdict(recipe)) if env.is_main \
+            else Sinks([])
         try:
             state = run_loop(s, state, stream, log, flag, faults)
+            state.last_eval_loss = evaluate(s, flag)
+            log.write_final_eval(state.step, state.last_eval_loss)
         finally:
             log.close()
-        state.last_eval_loss = evaluate(s, flag)
-        _save_artifact(s)  # inside the process group: a sharding engine gathers the adapter
-    summary = {**build_summary(s, state), "peak_memory_load_mib": round(load_peak_mib, 1)}
-    if env.is_main:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _say(s, _closing(summary, out, artifact_dir(recipe)))
+        summary = {**build_summary(s, state), "peak_memory_load_mib": round(load_peak_mib, 1)}
+        with s.engine.whole_trainable():  # every rank: a sharding engine gathers the adapter here
+            if env.is_main:
+                with disk_full_stop(f"the final {artifact_dir(recipe).name}/ and summary.json", out, artifact_mib(s),
+                                    newest_checkpoint_text(out)):
+                    save_artifacts(s, summary)
+    _say(s, _closing(summary, out, {artifact_dir(recipe).name: artifact_dir(recipe), **log.paths(),
+                                    "checkpoints": out / "checkpoints", "base model": s.base_dir}))
     return summary

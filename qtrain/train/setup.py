@@ -21,16 +21,18 @@ from qtrain.errors import ConfigError
 from qtrain.models.arch import is_encoder_decoder
 from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
+from qtrain.models.precision import Precision, resolve_precision, storage_dtype
 from qtrain.models.tokenizer import load_tokenizer
 from qtrain.peft.inject import inject_lora, lora_modules
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.quant.shard import RowShard
 from qtrain.train.loss import fused_ce_supported
 from qtrain.train.optim import build_optimizer, build_scheduler
+from qtrain.train.scaler import LossScaler
+from qtrain.train.sinks import check_available as check_loggers
 from qtrain.peft.recompute import checkpoint_kwargs, mark_kept_outputs
 from qtrain_kernels import dispatch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -46,6 +48,10 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     autocast_dtype: torch.dtype | None
+    # The compute dtype `model.dtype` resolved to on this device, and why (model.dtype: auto).
+    precision: Precision
+    # fp16 dynamic loss scaling (a no-op for bf16/fp32 compute).
+    scaler: LossScaler
     # What forward runs through: the DDP or DeepSpeed wrapper under data parallelism, else `model`.
     forward_model: nn.Module
     # How the model is placed, stepped and checkpointed (qtrain.distributed.engine).
@@ -76,12 +82,19 @@ def fused_ce_backend(recipe: Recipe, model: nn.Module, engine_owns_forward: bool
     return "triton"
 
 
-def autocast_dtype(recipe: Recipe) -> torch.dtype | None:
-    """bf16 autocast when asked, or by default when the model itself is bf16."""
+def autocast_dtype(recipe: Recipe, precision: Precision) -> torch.dtype | None:
+    """Autocast in the 16-bit compute dtype (`auto`/`on`); bf16 when forced `on` over fp32 weights; else none."""
     mode = recipe.train.autocast
-    if mode == "on" or (mode == "auto" and recipe.model.dtype == "bfloat16"):
-        return torch.bfloat16
-    return None
+    if mode == "off":
+        return None
+    if precision.dtype in (torch.bfloat16, torch.float16):
+        return precision.dtype
+    return torch.bfloat16 if mode == "on" else None
+
+
+def needs_loss_scaling(precision: Precision, autocast: torch.dtype | None) -> bool:
+    """fp16 compute (weights or autocast) needs dynamic loss scaling; bf16 has fp32's exponent range."""
+    return torch.float16 in (precision.dtype, autocast)
 
 
 def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Path:
@@ -90,13 +103,13 @@ def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Pat
         return Path(m.path)
     base_dir = Path(m.base_dir) if m.base_dir else Path(recipe.output_dir) / "base"
     if env.is_main:  # one writer; the other ranks read it once it is complete
-        write_random_base(m.from_config, tokenizer, recipe.seed, DTYPES[m.dtype], base_dir)
+        write_random_base(m.from_config, tokenizer, recipe.seed, storage_dtype(m.dtype), base_dir)
     collectives.barrier()
     return base_dir
 
 
 def build_model(recipe: Recipe, base_dir: Path, device: torch.device,
-                shard: RowShard = RowShard()) -> tuple[nn.Module, list[str]]:
+                precision: Precision | None = None, shard: RowShard = RowShard()) -> tuple[nn.Module, list[str]]:
     """Streamed (4-bit) base with LoRA attached; only LoRA parameters require grad. Under an engine
     that shards the base, each rank loads only its rows (`shard`); the adapter is created whole.
 
@@ -105,8 +118,9 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device,
     returned name list is then empty.
     """
     full = recipe.peft.method == "full"
+    precision = precision or resolve_precision(recipe.model.dtype, device)
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
-    dtype = torch.float32 if full else DTYPES[recipe.model.dtype]
+    dtype = torch.float32 if full else precision.dtype
     model = load_model(base_dir, dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code, shard)
     if full:
         names: list[str] = []
@@ -126,20 +140,28 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device,
 
 def prepare(recipe: Recipe, env: DistEnv) -> Session:
     kernel_backend(recipe)  # refuse an impossible kernels= before any work
+    check_loggers(recipe.logging)
     engine = create_engine(recipe, env)  # likewise an impossible engine setting
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True)
     device = env.device()
+    precision = resolve_precision(recipe.model.dtype, device)
+    autocast = autocast_dtype(recipe, precision)
+    scaling = needs_loss_scaling(precision, autocast)
+    if scaling and not engine.supports_loss_scaling:
+        raise ConfigError(f"model.dtype: fp16 compute needs loss scaling, which qtrain does not run under "
+                          f"distributed.engine: {engine.name} yet ({precision.reason}); set model.dtype: float32 "
+                          "(or bfloat16 on a GPU that has it), or use distributed.engine: ddp")
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=is_encoder_decoder(recipe.model))
     base_dir = resolve_base_dir(recipe, tokenizer, env)
     torch.manual_seed(recipe.seed)  # LoRA A init
-    model, names = build_model(recipe, base_dir, device, engine.row_shard())
+    model, names = build_model(recipe, base_dir, device, precision, engine.row_shard())
     model.train()
     optimizer = engine.wrap(model, lambda params: build_optimizer(params, recipe.train, device))
     scheduler = build_scheduler(optimizer, recipe.train)
     return Session(recipe, env, device, tokenizer, data, base_dir, model, names, optimizer, scheduler,
-                   autocast_dtype(recipe), engine.forward_model, engine,
+                   autocast, precision, LossScaler(scaling, device), engine.forward_model, engine,
                    fused_ce_backend(recipe, model, engine.owns_forward))
