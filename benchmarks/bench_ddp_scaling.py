@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from benchmarks import _harness as h
+from benchmarks._launch import torchrun_train
 
 REPO = h.REPO
 MODEL = ["model.from_config.hidden_size=512", "model.from_config.intermediate_size=1376",
@@ -45,21 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_child(args: argparse.Namespace, nproc: int) -> dict:
     """In a fresh process: launch torchrun and report its ranks' peak RSS (RUSAGE_CHILDREN)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *MODEL,
-               f"train.max_steps={args.steps}", f"train.num_threads={args.threads}"]
-        env = {k: v for k, v in os.environ.items() if k != "QTRAIN_FAULT"}
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"bench_ddp_scaling: {nproc} process(es) failed:\n{proc.stderr[-3000:]}")
-        summary = json.loads((out / "summary.json").read_text())
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # max over all descendants
+    summary = torchrun_train(nproc, [*MODEL, f"train.max_steps={args.steps}", f"train.num_threads={args.threads}"],
+                             f"bench_ddp_scaling: {nproc} process(es)")
     return {"procs": nproc, "threads_per_rank": args.threads, "world_size": summary["world_size"],
             "global_batch_size": summary["global_batch_size"], "median_step_s": summary["median_step_s"],
             "tokens_per_s": summary["tokens_per_s"] * summary["world_size"],
-            "peak_rss_mib_per_rank": round(peak_kib / 1024, 1), "final_train_loss": summary["final_train_loss"],
+            "peak_rss_mib_per_rank": summary["peak_rss_mib_per_rank"], "final_train_loss": summary["final_train_loss"],
             "loadavg_1m": h.loadavg()}
 
 

@@ -199,11 +199,25 @@ def _quiet_optional_backends() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def without_local_rank(argv: list[str]) -> list[str]:
+    """`argv` without the `--local_rank=N` / `--local_rank N` (or `--local-rank`) that the deepspeed
+    and old torch launchers append: LOCAL_RANK from the environment stays the one source (env.py)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """Parse; `eval` and `plan` also take key=value overrides after their options (argparse alone
     would refuse `qtrain eval R --no-generate a=b`, since the overrides positional was already consumed)."""
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(without_local_rank(sys.argv[1:] if argv is None else list(argv)))
     if extra:
         if args.command in ("eval", "plan") and not any(e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from qtrain.checkpoint import full_io
 from qtrain.checkpoint.adapter_io import load_adapter_weights, read_adapter, write_adapter_files
+from qtrain.checkpoint.resume import warn
 from qtrain.checkpoint.tree import flatten, unflatten
 from qtrain.errors import CheckpointError
 
@@ -96,14 +97,31 @@ def restore(ckpt: Path, rank: int, *, model, optimizer, method: str = "lora") ->
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{ckpt / OPTIMIZER}: does not fit this run's optimizer ({exc}); "
                               "resume with the recipe that wrote it") from None
+    trainer_state = read_trainer_state(ckpt)
+    _restore_rng(ckpt, rank, trainer_state)
+    return trainer_state
+
+
+def read_trainer_state(ckpt: Path) -> dict:
     try:
-        trainer_state = json.loads((ckpt / TRAINER_STATE).read_text())
+        return json.loads((ckpt / TRAINER_STATE).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{ckpt / TRAINER_STATE}: unreadable ({exc})") from None
+
+
+def _restore_rng(ckpt: Path, rank: int, trainer_state: dict) -> None:
+    """This rank's generators; a rank the checkpoint never had (it was written by fewer processes,
+    which only engines that re-shard accept) starts from a seed of its own instead."""
+    if not (ckpt / rng_file(rank)).is_file():
+        warn(f"{ckpt} holds no random state for rank {rank} (written by {trainer_state.get('world_size')} "
+             "processes): this rank's random draws (dropout) start from a fresh seed")
+        seed = int(trainer_state.get("seed", 0)) * 1_000_003 + int(trainer_state.get("step", 0)) * 997 + rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        return
     rng = _load_tree(ckpt / rng_file(rank))
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["torch_cuda"])
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
-    return trainer_state

@@ -15,12 +15,14 @@ _TUPLE = "__tuple__"
 _INT_KEYS = "__int_keys__"
 
 
-def flatten(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+def flatten(obj: Any, prefix: str = "", copy: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(JSON tree, {path: tensor}); `copy=False` keeps the tensors themselves (e.g. sharded DTensors
+    for torch.distributed.checkpoint), instead of contiguous CPU copies for safetensors."""
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(x: Any, path: str) -> Any:
         if isinstance(x, torch.Tensor):
-            tensors[path] = x.detach().to("cpu").contiguous()
+            tensors[path] = x.detach().to("cpu").contiguous() if copy else x
             return {_TENSOR: path}
         if isinstance(x, dict):
             int_keys = all(isinstance(k, int) for k in x) and bool(x)

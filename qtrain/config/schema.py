@@ -126,9 +126,10 @@ class TrainConfig:
 @dataclass
 class DistributedConfig:
     # auto: DeepSpeed if deepspeed_config is set, else DDP when launched with several processes
-    # (torchrun), else plain.
-    engine: Literal["auto", "plain", "ddp", "deepspeed"] = "auto"
-    # A DeepSpeed JSON with ZeRO settings (configs/deepspeed/zero{1,2}.json); batch sizes,
+    # (torchrun), else plain. fsdp: torch FSDP2, sharding the 4-bit base, the unquantized weights
+    # and the adapter across processes (launched by torchrun).
+    engine: Literal["auto", "plain", "ddp", "fsdp", "deepspeed"] = "auto"
+    # A DeepSpeed JSON with ZeRO settings (configs/deepspeed/zero{1,2,3}.json); batch sizes,
     # accumulation, clipping and precision come from the recipe (a conflicting value is an error).
     deepspeed_config: Optional[str] = None
     # A collective that waits longer than this fails the job (a crashed rank never hangs the rest).

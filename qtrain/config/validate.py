@@ -47,6 +47,8 @@ def check_values(r: Recipe) -> list[str]:
         if r.distributed.deepspeed_config is not None or r.distributed.engine == "deepspeed":
             p.append("peft.method: 'full' is not supported under DeepSpeed yet; use distributed.engine: ddp "
                      "(or auto without deepspeed_config)")
+        elif r.distributed.engine == "fsdp":
+            p.append("peft.method: 'full' is not supported under FSDP yet; use distributed.engine: ddp or auto")
     c = r.compare
     if not c.variants:
         p.append("compare.variants: empty list; name some of base, full, lora, qlora")
@@ -84,9 +86,15 @@ def check_values(r: Recipe) -> list[str]:
     _positive(p, "train.max_nonfinite_in_row", t.max_nonfinite_in_row)
     if r.distributed.engine == "deepspeed" and r.distributed.deepspeed_config is None:
         p.append("distributed.engine: 'deepspeed' needs distributed.deepspeed_config (e.g. configs/deepspeed/zero2.json)")
-    if r.distributed.engine in ("plain", "ddp") and r.distributed.deepspeed_config is not None:
+    if r.distributed.engine in ("plain", "ddp", "fsdp") and r.distributed.deepspeed_config is not None:
         p.append(f"distributed.deepspeed_config: set, but distributed.engine is {r.distributed.engine!r}; "
                  "use 'deepspeed' (or 'auto') or remove the key")
+    if r.distributed.engine == "fsdp" and t.optimizer != "adamw":
+        # FSDP2's parameters are DTensor shards: bitsandbytes' 8-bit and paged optimizers do not run on
+        # them, and FSDP2 cannot page optimizer state.
+        p.append(f"train.optimizer: {t.optimizer!r} is not supported under distributed.engine: fsdp (bitsandbytes' "
+                 "8-bit and paged optimizers do not run on FSDP's sharded parameters); use adamw, whose state "
+                 "FSDP shards across processes")
     _positive(p, "distributed.timeout_s", r.distributed.timeout_s)
     return p
 

@@ -1,18 +1,27 @@
-"""DeepSpeed ZeRO-1/2 data parallelism: the only module that imports `deepspeed` (lazily).
+"""DeepSpeed ZeRO-1/2/3: the only module that imports `deepspeed` (lazily).
 
-The DeepSpeed config is generated from the recipe (batch sizes, accumulation, clipping, mixed
-precision); a user JSON (`distributed.deepspeed_config`) may add ZeRO settings and may repeat a
-recipe-owned key only with the same value. qtrain keeps its own semantics: the token-weighted
-global loss, its LR schedule (stepped here only when DeepSpeed applied the step), and its
-checkpoint format (each rank saves its optimizer partition as an extra file of the same step).
+The config comes from the recipe (see deepspeed_config.py). qtrain keeps its own semantics: the
+token-weighted global loss, its LR schedule (stepped only when DeepSpeed applied the step), and
+its checkpoint format (each rank saves its optimizer partition as an extra file of the step).
 
-ZeRO-3 is refused: it partitions `nn.Parameter`s, but the NF4 base is stored as uint8 buffers
-that stay replicated on every rank, and the adapter it could partition is a fraction of a
-percent of the model; ZeRO-2 already partitions the adapter's gradients and optimizer state.
+ZeRO-3 partitions the 4-bit base too. Its NF4 weights are uint8 parameters, one row per
+quantization block (see `NF4Weight`); ZeRO-3 partitions each parameter in its own dtype and
+broadcasts/gathers them as bytes (measured: the bytes come back exact, NaN/inf bit patterns
+included), and a block count padded to a multiple of the world size makes every partition whole
+blocks. Loading: each rank quantizes only its rows (`row_shard`); `wrap` then gathers one tensor
+at a time and hands it to `deepspeed.zero.Init(module=...)`, which keeps this rank's partition
+and frees the rest, so a rank never holds more than its share plus one tensor. The forwards of
+`LoRALinear` and `NF4Linear` read their children's parameters directly, so those are registered
+as the layer's external parameters: ZeRO-3 then gathers them before the layer's forward and
+backward (gradient-checkpointing recompute included) and frees them after.
+
+The saved adapter is always whole: `whole_trainable` gathers it inside qtrain, so nothing
+depends on `stage3_gather_16bit_weights_on_model_save`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -23,97 +32,137 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from qtrain.checkpoint.train_state import required_files
 from qtrain.checkpoint.tree import flatten, unflatten
 from qtrain.config.schema import Recipe
+from qtrain.distributed import collectives
+from qtrain.distributed.deepspeed_config import build_config, config_stage
+from qtrain.distributed.engine import MakeOptimizer, StepOutcome, check_whole, local_shards, trainable
+from qtrain.distributed.env import DistEnv
+from qtrain.distributed.plain import PlainEngine
 from qtrain.errors import CheckpointError, ConfigError
-
-SUPPORTED_STAGES = (1, 2)
-# bitsandbytes' 8-bit AdamW steps ZeRO's flat fp32 partition like any tensor (tested on CPU);
-# paged optimizers page their own state, which ZeRO's partitioned buffers were never tested with.
-SUPPORTED_OPTIMIZERS = ("adamw", "adamw_8bit")
-# Keys the recipe owns; DeepSpeed must never run its own optimizer or schedule next to qtrain's.
-FORBIDDEN_KEYS = {"optimizer": "train.optimizer / train.lr / train.weight_decay",
-                  "scheduler": "train.schedule / train.warmup_steps"}
-
-_STAGE3_WHY = (
-    "ZeRO-3 partitions nn.Parameters, but the 4-bit (NF4) base is stored as uint8 buffers, so every "
-    "rank would still hold the whole base and only the tiny LoRA adapter would be partitioned: no "
-    "memory saved, more communication. The 4-bit base is small and replicated (about 0.5 byte per "
-    "parameter: ~5.7 GB at 8B), and ZeRO-2 already partitions the adapter's gradients and optimizer "
-    "state. Use configs/deepspeed/zero2.json")
+from qtrain.peft.lora import LoRALinear
+from qtrain.quant.linear import NF4Linear
+from qtrain.quant.shard import RowShard
 
 
-def enabled(recipe: Recipe) -> bool:
-    """`engine: deepspeed`, or `auto` with a DeepSpeed config (no import of deepspeed here)."""
-    d = recipe.distributed
-    return d.engine == "deepspeed" or (d.engine == "auto" and d.deepspeed_config is not None)
+# Where ZeRO-3's state_dict() keeps the client optimizer's state.
+_INNER = "optimizer_state_dict"
 
 
-def read_user_config(path: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"distributed.deepspeed_config: cannot read {path} ({exc.strerror})") from None
-    except ValueError as exc:
-        raise ConfigError(f"distributed.deepspeed_config: {path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"distributed.deepspeed_config: {path} must hold a JSON object")
-    return data
+class DeepSpeedEngine(PlainEngine):
+    name = "deepspeed"
+    owns_forward = True
+    reshards = False  # each rank's optimizer partition is a slice of ZeRO's flat buffers
+    supports_loss_scaling = False  # DeepSpeed would need its own fp16 section; qtrain's autocast owns precision
 
+    def __init__(self, recipe: Recipe, env: DistEnv) -> None:
+        super().__init__(recipe, env)
+        self.config = build_config(recipe, env.world_size)
+        self.stage = config_stage(self.config)
+        self.engine = None
 
-def derived_config(recipe: Recipe, world_size: int) -> dict:
-    """What the recipe decides: DeepSpeed gets these values and never a second copy of them."""
-    t = recipe.train
-    return {
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": float(t.grad_clip or 0.0),
-        # Mixed precision is qtrain's own torch.autocast (train.autocast, model.dtype): DeepSpeed
-        # must not cast the model or keep a second fp16/bf16 copy of the adapter.
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "zero_allow_untested_optimizer": t.optimizer != "adamw",
-        "steps_per_print": 2**31 - 1,
-    }
+    def row_shard(self) -> RowShard:
+        if self.stage < 3:
+            return RowShard()
+        return RowShard(self.env.rank, self.env.world_size, collectives.all_gather)
 
+    def wrap(self, model: nn.Module, make_optimizer: MakeOptimizer) -> torch.optim.Optimizer:
+        """The DeepSpeed engine around `model`, with qtrain's optimizer as its client optimizer."""
+        import deepspeed
+        from deepspeed.utils import logger
 
-def build_config(recipe: Recipe, world_size: int) -> dict:
-    """The DeepSpeed config: the recipe's values plus the user's ZeRO settings; ConfigError on a conflict."""
-    path = recipe.distributed.deepspeed_config
-    if path is None:
-        raise ConfigError("distributed.engine: 'deepspeed' needs distributed.deepspeed_config "
-                          "(e.g. configs/deepspeed/zero2.json)")
-    user = read_user_config(path)
-    derived = derived_config(recipe, world_size)
-    for key, owner in FORBIDDEN_KEYS.items():
-        if key in user:
-            raise ConfigError(f"{path}: '{key}' is set, but qtrain's recipe owns it ({owner}); remove it from the JSON")
-    for key, value in derived.items():
-        if key in user and user[key] != value:
-            raise ConfigError(f"{path}: '{key}' is {user[key]!r}, but the recipe gives {value!r}; the recipe is "
-                              "the one source of truth for batch sizes, accumulation, clipping and precision: "
-                              "remove the key from the JSON or change the recipe")
-    zero = user.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
-    if stage == 3:
-        raise ConfigError(f"{path}: zero_optimization.stage 3 is not supported with a QLoRA base. {_STAGE3_WHY}")
-    if stage not in SUPPORTED_STAGES:
-        raise ConfigError(f"{path}: zero_optimization.stage must be 1 or 2, got {stage!r} "
-                          "(for plain data parallelism use distributed.engine: ddp)")
-    if recipe.train.optimizer not in SUPPORTED_OPTIMIZERS:
-        raise ConfigError(f"train.optimizer: {recipe.train.optimizer!r} is not supported under DeepSpeed (its paged "
-                          "state was never tested with ZeRO's partitioned buffers); use one of "
-                          f"{', '.join(SUPPORTED_OPTIMIZERS)}")
-    return {**user, **derived}
+        logger.setLevel(logging.WARNING)
+        init_process_group(self.recipe.distributed.timeout_s)
+        if self.stage == 3:
+            _partition_base(model, self.config)
+        self.optimizer = make_optimizer(trainable(model))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.config)
+        if self.stage == 3:
+            _register_direct_reads(model)
+        self.model, self.forward_model = model, self.engine
+        return self.optimizer
+
+    def backward(self, loss: torch.Tensor, scaler=None) -> None:
+        """DeepSpeed's backward (no extra 1/GAS: qtrain's loss already weights the tokens of the
+        whole step) and its step, which applies the update only at the accumulation boundary;
+        there ZeRO averages gradients over ranks, clips, and skips the update (zeroing the
+        gradients) when any rank's gradients are non-finite."""
+        if scaler is not None and scaler.enabled:  # refused at setup (supports_loss_scaling)
+            raise ConfigError("fp16 loss scaling is not supported under DeepSpeed yet; use bf16 or fp32")
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def step(self, loss_finite: bool, scaler=None) -> StepOutcome:
+        """DeepSpeed's step already ran at the boundary: report its norm and whether it applied."""
+        norm = self.engine.get_global_grad_norm()
+        norm = float("inf") if norm is None else float(norm)
+        return StepOutcome(norm, bool(self.engine.was_step_applied()) and loss_finite)
+
+    @contextlib.contextmanager
+    def whole_trainable(self, modify: bool = False):
+        if self.stage < 3:
+            with super().whole_trainable(modify):
+                yield
+            return
+        import deepspeed
+
+        # modifier_rank 0: on exit, rank 0's values are broadcast and partitioned again.
+        with deepspeed.zero.GatheredParameters(trainable(self.model), modifier_rank=0 if modify else None):
+            check_whole(self.model)
+            yield
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def checkpoint_files(self, method: str) -> list[str]:
+        return required_files(self.env.world_size, method) + shard_files(self.env.world_size)
+
+    def optimizer_record(self) -> ShardedOptimizer:
+        return ShardedOptimizer(self.stage, self.env.world_size)
+
+    def save_state(self, tmp: Path) -> None:
+        """This rank's partition of the optimizer state: the client optimizer's state over ZeRO's
+        flat fp32 partition (ZeRO-3 hands it out only through its own state_dict)."""
+        zero = self.engine.optimizer
+        state = zero.state_dict()[_INNER] if self.stage == 3 else zero.optimizer.state_dict()
+        tree, tensors = flatten(state, "optimizer")
+        save_file(tensors, str(tmp / shard_file(self.env.rank)), metadata={"tree": json.dumps(tree)})
+
+    def load_state(self, ckpt: Path) -> None:
+        """After the adapter weights are loaded into the model: refresh ZeRO's fp32 master partition
+        from them (bit-exact in fp32) and load this rank's optimizer state partition."""
+        path = ckpt / shard_file(self.env.rank)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                state = unflatten(json.loads(fh.metadata()["tree"]), {k: fh.get_tensor(k) for k in fh.keys()})
+        except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
+            raise CheckpointError(f"{path}: cannot read ({exc})") from None
+        zero = self.engine.optimizer
+        zero.refresh_fp32_params()
+        try:
+            if self.stage == 3:
+                # ZeRO-3 loads its client optimizer only through its own load_state_dict (one entry
+                # per rank); everything else in that dict is what it holds now.
+                whole = {**zero.state_dict(), _INNER: state}
+                zero.load_state_dict([whole] * self.env.world_size)
+            else:
+                zero.optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: does not fit this run's optimizer partition ({exc}); "
+                                  "resume with the recipe and number of processes that wrote it") from None
+
+    # -- sizes ---------------------------------------------------------------------------
+    def numel(self, p: torch.Tensor) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    def local_bytes(self, p: torch.Tensor) -> int:
+        held = getattr(p, "ds_tensor", None)
+        held = p if held is None else held
+        return held.numel() * held.element_size()
 
 
 def init_process_group(timeout_s: float) -> None:
-    """A single-process DeepSpeed run still needs a process group (launchers set its address)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
+    """DeepSpeed's communication layer, over the launcher's torch process group when there is one
+    (a single-process DeepSpeed run still needs a group; launchers set its address)."""
     import deepspeed
 
     try:
@@ -123,37 +172,34 @@ def init_process_group(timeout_s: float) -> None:
         raise ConfigError(f"distributed.engine: DeepSpeed needs a launcher (deepspeed or torchrun): {exc}") from None
 
 
-def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, timeout_s: float):
-    """The DeepSpeed engine around `model`, with qtrain's optimizer as its client optimizer."""
+def _partition_base(model: nn.Module, config: dict) -> None:
+    """Hand the loaded local shards to ZeRO-3 one tensor at a time: gather the whole tensor (ZeRO's
+    conversion takes it whole from rank 0), let `zero.Init` keep this rank's partition."""
     import deepspeed
-    from deepspeed.utils import logger
 
-    logger.setLevel(logging.WARNING)
-    init_process_group(timeout_s)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return engine
-
-
-def backward_and_step(engine, scaled_loss: torch.Tensor) -> None:
-    """One micro-batch: DeepSpeed's backward (no extra 1/GAS: qtrain's loss already weights the
-    tokens of the whole step) and its step, which applies the update only at the accumulation
-    boundary; there ZeRO averages gradients over ranks, clips, and skips the update (zeroing
-    the gradients) when any rank's gradients are non-finite."""
-    engine.backward(scaled_loss, scale_wrt_gas=False)
-    engine.step()
+    for owners, local, shape in local_shards(model):
+        per = -(-shape[0] // collectives.world_size())
+        padded = local.new_zeros((per, *shape[1:]))
+        padded[: local.shape[0]] = local
+        whole = nn.Parameter(torch.cat(collectives.all_gather(padded))[: shape[0]], requires_grad=False)
+        del padded
+        for mod, leaf in owners:
+            mod._parameters[leaf] = whole
+        holder = nn.Module()
+        holder.register_parameter("whole", whole)
+        deepspeed.zero.Init(module=holder, config_dict_or_path=config, mem_efficient_linear=False)
 
 
-def step_outcome(engine) -> tuple[float, bool]:
-    """(pre-clip global gradient norm, whether the optimizer step was applied) of the last boundary."""
-    norm = engine.get_global_grad_norm()
-    return (float("inf") if norm is None else float(norm)), bool(engine.was_step_applied())
+def _register_direct_reads(model: nn.Module) -> None:
+    """LoRALinear and NF4Linear read their children's parameters without calling the children:
+    register those as the layer's own, so ZeRO-3 gathers them around the layer's forward/backward."""
+    import deepspeed
 
-
-def check_adapter_whole(model: nn.Module) -> None:
-    """Refuse to save an adapter whose parameters are partitioned (a ZeRO-3 leftover) or empty."""
-    for name, p in model.named_parameters():
-        if p.requires_grad and (hasattr(p, "ds_tensor") or p.numel() == 0):
-            raise CheckpointError(f"refusing to save a partitioned adapter: {name} holds {p.numel()} of its values")
+    for mod in model.modules():
+        if isinstance(mod, (LoRALinear, NF4Linear)):
+            for name, p in mod.named_parameters():
+                if "." in name:  # a descendant's, not the layer's own
+                    deepspeed.zero.register_external_parameter(mod, p)
 
 
 class ShardedOptimizer:
@@ -178,30 +224,3 @@ def shard_file(rank: int) -> str:
 
 def shard_files(world_size: int) -> list[str]:
     return [shard_file(r) for r in range(world_size)]
-
-
-def zero_stage(engine) -> int:
-    return int(engine.zero_optimization_stage())
-
-
-def save_optimizer_shard(engine, tmp: Path, rank: int) -> None:
-    """This rank's partition of the optimizer state (every rank calls this)."""
-    tree, tensors = flatten(engine.optimizer.optimizer.state_dict(), "optimizer")
-    save_file(tensors, str(tmp / shard_file(rank)), metadata={"tree": json.dumps(tree)})
-
-
-def load_optimizer_shard(engine, ckpt: Path, rank: int) -> None:
-    """After the adapter weights are loaded into the model: refresh ZeRO's fp32 master partition
-    from them (bit-exact in fp32) and load this rank's optimizer state partition."""
-    path = ckpt / shard_file(rank)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            state = unflatten(json.loads(fh.metadata()["tree"]), {k: fh.get_tensor(k) for k in fh.keys()})
-    except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
-        raise CheckpointError(f"{path}: cannot read ({exc})") from None
-    engine.optimizer.refresh_fp32_params()
-    try:
-        engine.optimizer.optimizer.load_state_dict(state)
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: does not fit this run's optimizer partition ({exc}); "
-                              "resume with the recipe and number of processes that wrote it") from None

@@ -6,14 +6,22 @@ will be quantized is read in row chunks and goes straight to NF4 on the target d
 whole bf16 weight is ever materialized; everything else (embeddings, norms, lm_head) is cast to
 the compute dtype and placed. Peak host memory is the quantized model plus one small tensor.
 
-Decoder-only and encoder-decoder (T5 family) models load alike; the skeleton's class comes from
-the config (see arch.py). Linears a model lists in `_keep_in_fp32_modules` (T5's `wo`) stay
-unquantized, as transformers' own 4-bit loading keeps them, and are fp32 when the compute dtype
-is fp16 (transformers' rule: fp16 overflows there).
+Under an engine that shards the base (FSDP2, ZeRO-3; see `RowShard`) every rank reads only the
+rows it will own (for an NF4 weight: whole quantization blocks), quantizes them and keeps only
+those: peak host memory per rank is its share of the NF4 model plus one chunk. Per-rank row reads
+rather than "rank 0 reads and scatters block by block": both hold one tensor beyond the share,
+but here every rank reads and quantizes 1/N of the model in parallel instead of N-1 ranks
+waiting on one, for one all-gather of the block absmax per double-quantized weight (4 bytes per
+64 weights). A reasoned choice, not a measured one (no scatter loader was written to compare);
+`python -m benchmarks.bench_sharding` reports each rank's peak while loading.
+
+Reads go through `SafetensorsFile` (plain reads into tensors we own; see safetensors_read.py
+for why it is kept over the library's mapped `get_slice`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +33,8 @@ from qtrain.errors import ModelError
 from qtrain.models.arch import auto_model_class, read_config
 from qtrain.models.safetensors_read import SafetensorsFile
 from qtrain.quant.linear import NF4Linear
-from qtrain.quant.nf4 import NF4Spec, rows_per_chunk
+from qtrain.quant.nf4 import NF4Spec, NF4Weight
+from qtrain.quant.shard import RowShard, mark_full_shape
 
 # Values per streamed chunk of a weight being quantized (~2 MiB of bf16).
 CHUNK_ELEMS = 1 << 20
@@ -83,8 +92,12 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, quantize: NF4Spec | None,
-               backend: str = "bnb", trust_remote_code: bool = False) -> nn.Module:
-    """Load `model_dir` onto `device`; with `quantize`, every non-head linear becomes an `NF4Linear`."""
+               backend: str = "bnb", trust_remote_code: bool = False, shard: RowShard = RowShard()) -> nn.Module:
+    """Load `model_dir` onto `device`; with `quantize`, every non-head linear becomes an `NF4Linear`.
+
+    With a sharded `shard`, every frozen base tensor holds only this rank's rows (marked with
+    the whole tensor's shape) until an engine adopts them; see the module docstring.
+    """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"model.path: {model_dir} is not a Hugging Face model dir (no config.json)")
@@ -95,32 +108,41 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     # that holds an alias's own tensor gets it untied, as transformers' from_pretrained does.
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    biases: dict[str, torch.Tensor] = {}
+    biases: dict[str, nn.Parameter] = {}
     for fh, key in iter_tensors(files):
         module_name, _, leaf = key.rpartition(".")
         if module_name in to_quantize:
             loaded.add(key)
             if leaf == "weight":
-                shape = fh.shape(key)
-                rows = rows_per_chunk(shape, quantize.blocksize, CHUNK_ELEMS)
-                chunks = (c.to(device) for c in fh.row_chunks(key, rows))
-                model.set_submodule(module_name, NF4Linear.from_row_chunks(chunks, shape, dtype, quantize, backend))
+                rows = functools.partial(fh.rows, key)
+                nf4 = NF4Weight.quantize_rows(rows, fh.shape(key), dtype, quantize, shard, device, CHUNK_ELEMS)
+                model.set_submodule(module_name, NF4Linear(nf4, None, backend))
             else:
-                biases[module_name] = fh.read(key).to(device=device, dtype=dtype)
+                biases[module_name] = local_parameter(fh, key, shard, device, dtype)
             continue
         if key not in params:
             continue  # e.g. rotary tables some checkpoints carry; the model builds its own
-        tensor = fh.read(key)
-        target = param_dtype(model, key, dtype)
-        value = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
-        place_parameter(model, key, value)
+        place_parameter(model, key, local_parameter(fh, key, shard, device, param_dtype(model, key, dtype)))
         loaded.add(key)
     for name, bias in biases.items():
-        model.get_submodule(name).bias = nn.Parameter(bias, requires_grad=False)
+        model.get_submodule(name).bias = bias
     tie_missing(model, set(params) - loaded)
     _check_complete(model, model_dir)
     model.eval()
     return model
+
+
+def local_parameter(fh: SafetensorsFile, key: str, shard: RowShard, device: torch.device,
+                    dtype: torch.dtype) -> nn.Parameter:
+    """A frozen parameter of this rank's rows of a tensor kept unquantized (floats cast to `dtype`)."""
+    shape = fh.shape(key)
+    rows = None if shard.whole or not shape else shard.rows(shape[0])
+    tensor = fh.read(key) if rows is None else fh.rows(key, *rows)
+    value = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor.to(device)
+    param = nn.Parameter(value, requires_grad=False)
+    if rows is not None:
+        mark_full_shape(param, shape)
+    return param
 
 
 def tie_missing(model: nn.Module, missing: set[str]) -> None:
@@ -132,14 +154,10 @@ def tie_missing(model: nn.Module, missing: set[str]) -> None:
     model.tie_weights(missing_keys=missing, recompute_mapping=False)
 
 
-def place_parameter(model: nn.Module, key: str, value: torch.Tensor) -> None:
-    """Replace the (meta) parameter `key` with `value`, frozen.
-
-    The tensor comes from our own reader, so it owns its memory (see safetensors_read.py).
-    """
+def place_parameter(model: nn.Module, key: str, param: nn.Parameter) -> None:
+    """Replace the (meta) parameter `key` with `param` (which owns its memory: see safetensors_read.py)."""
     module_name, _, leaf = key.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    model.get_submodule(module_name)._parameters[leaf] = param
 
 
 def _check_complete(model: nn.Module, model_dir: Path) -> None:

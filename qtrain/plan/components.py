@@ -31,9 +31,10 @@ def _share(n: int, sharded: bool, s: Settings) -> int:
 
 
 def nf4_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
-    """Bytes of one NF4 weight of `numel` values, as qtrain.quant.nf4.NF4Weight stores it."""
+    """Bytes of one NF4 weight of `numel` values, as qtrain.quant.nf4.NF4Weight stores it on one
+    rank: one row per quantization block, so a partial last block is stored whole."""
     blocks = math.ceil(numel / blocksize)
-    packed = math.ceil(numel / 2)
+    packed = blocks * blocksize // 2
     if not double_quant:
         return packed + 4 * blocks
     return packed + blocks + 4 * math.ceil(blocks / ABSMAX2_BLOCK) + 4

@@ -64,7 +64,7 @@ ENGINES = {
 
 def runnable_engines() -> set[str]:
     """Engines this checkout runs: the recipe schema's engines, and the DeepSpeed stages it accepts."""
-    from qtrain.distributed import deepspeed as ds
+    from qtrain.distributed import deepspeed_config as ds
 
     names = set(typing.get_args(typing.get_type_hints(DistributedConfig)["engine"])) & set(ENGINES)
     if "deepspeed" in typing.get_args(typing.get_type_hints(DistributedConfig)["engine"]):
@@ -74,7 +74,7 @@ def runnable_engines() -> set[str]:
 
 def _zero_settings(recipe: Recipe) -> dict:
     """The recipe's DeepSpeed `zero_optimization` section (the file the trainer reads), or {}."""
-    from qtrain.distributed import deepspeed as ds
+    from qtrain.distributed import deepspeed_config as ds
 
     path = recipe.distributed.deepspeed_config
     zero = ds.read_user_config(path).get("zero_optimization", {}) if path else {}
@@ -93,7 +93,7 @@ def _zero_engine(stage: int, zero: dict) -> EngineShares:
 def resolve_engine(recipe: Recipe, world: int, flag: str | None = None) -> EngineShares:
     """The engine a run of `recipe` on `world` processes gets (`distributed.engine: auto` decides as
     the trainer does), or the one `flag` (--engine) names."""
-    from qtrain.distributed import deepspeed as ds
+    from qtrain.distributed import deepspeed_config as ds
 
     name = flag if flag not in (None, "auto") else recipe.distributed.engine
     zero = _zero_settings(recipe)

@@ -23,10 +23,6 @@ class NF4Linear(nn.Module):
         self.backend = backend
 
     @classmethod
-    def from_row_chunks(cls, chunks, shape: tuple[int, int], dtype: torch.dtype, spec: NF4Spec, backend: str) -> NF4Linear:
-        return cls(NF4Weight.from_row_chunks(chunks, shape, dtype, spec), None, backend)
-
-    @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], spec: NF4Spec, backend: str) -> NF4Linear:
         return cls(NF4Weight.quantize(weight, spec), bias, backend)
 
@@ -59,5 +55,10 @@ def dense_weight_fn(base: nn.Module):
     """dtype → dense weight of a frozen base layer (NF4Linear or plain nn.Linear)."""
     if isinstance(base, NF4Linear):
         return base.dense_weight
-    weight = base.weight
-    return lambda dtype: weight if weight.dtype == dtype else weight.to(dtype)
+
+    def dense(dtype: torch.dtype) -> torch.Tensor:
+        # Looked up on every call: an engine that shards the base (FSDP2) swaps the parameter object.
+        weight = base.weight
+        return weight if weight.dtype == dtype else weight.to(dtype)
+
+    return dense

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable
 
 import torch
 
+from qtrain.quant.shard import RowShard, mark_full_shape
 from qtrain_kernels import nf4_reference as ref
 from qtrain_kernels.dispatch import dequantize_absmax, dequantize_nf4
 
@@ -30,13 +31,6 @@ def _bnb_functional():
     except Exception:  # noqa: BLE001 - any import failure means: use the torch reference
         return None
     return bnbf
-
-
-def rows_per_chunk(shape: tuple[int, ...], blocksize: int, chunk_elems: int) -> int:
-    """Rows per chunk so that a chunk holds about `chunk_elems` values and ends on a block boundary."""
-    cols = shape[-1]
-    align = blocksize // math.gcd(cols, blocksize)  # rows whose values fill whole blocks
-    return max(align, (chunk_elems // cols) // align * align)
 
 
 def _quantize_flat(values: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,52 +53,119 @@ def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 class NF4Weight(torch.nn.Module):
-    """Buffers of one NF4-quantized weight, laid out exactly as bitsandbytes stores them.
+    """One NF4-quantized weight: bitsandbytes' bytes, stored so that engines can shard it.
 
-    Buffers: `packed` uint8 (numel//2, 1); `absmax` float32 (blocks,) or, with double
-    quantization, uint8 codes plus `absmax2` float32 (ceil(blocks/256),) and scalar `offset`.
+    Parameters (frozen, integer or float32 as stored; nothing ever casts them):
+      `qweight` uint8 (rows, blocksize // 2): the packed 4-bit codes, one row per quantization
+          block, zero-padded to whole blocks and to a multiple of the sharding world size;
+      `qabsmax` (rows,): the per-block absmax, as uint8 codes with double quantization, else
+          float32.
+    Buffers (small, replicated on every rank): `absmax2` float32 (ceil(blocks / 256),) and the
+    scalar `offset` of double quantization.
+    `packed` ((numel + 1) // 2, 1) and `absmax` (blocks,) are bitsandbytes' own tensors, as views.
+
+    Why parameters, and why uint8 ones: FSDP2 and DeepSpeed ZeRO-3 partition parameters only
+    (the buffers the base used to be stay whole on every rank). Measured on torch 2.13 /
+    DeepSpeed 0.19 (CPU, gloo, 2 ranks): FSDP2 accepts frozen uint8 parameters and, when a
+    group mixes dtypes, all-gathers every tensor as uint8 bytes; ZeRO-3 partitions each
+    parameter in its own dtype and broadcasts and gathers them as bytes. Both return the exact
+    bytes, NaN/inf bit patterns included (tested), so no float view of the codes (bitsandbytes'
+    `quant_storage` trick) and no tensor subclass is needed, and nothing is ever reinterpreted
+    through a float cast. One row per block makes every dim-0 shard (FSDP2) and every flat
+    partition of a world-size multiple (ZeRO-3) hold whole blocks.
     """
 
-    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype,
+    def __init__(self, qweight: torch.Tensor, qabsmax: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype,
                  spec: NF4Spec, absmax2: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> None:
         super().__init__()
         self.shape = tuple(shape)
         self.dtype = dtype
         self.spec = spec
-        self.register_buffer("packed", packed)
-        self.register_buffer("absmax", absmax)
+        self.qweight = torch.nn.Parameter(qweight, requires_grad=False)
+        self.qabsmax = torch.nn.Parameter(qabsmax, requires_grad=False)
         self.register_buffer("absmax2", absmax2)
         self.register_buffer("offset", offset)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-math.prod(self.shape) // self.spec.blocksize)
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """bitsandbytes' packed bytes, uint8 ((numel + 1) // 2, 1): a view of `qweight`."""
+        n = (math.prod(self.shape) + 1) // 2
+        return self.qweight.reshape(-1)[:n].view(n, 1)
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """Per-block absmax (float32) or, with double quantization, its uint8 codes: a view of `qabsmax`."""
+        return self.qabsmax[: self.n_blocks]
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, spec: NF4Spec, chunk_elems: int = 1 << 20) -> NF4Weight:
         """Quantize a float 2-D weight (on its own device) to NF4, about `chunk_elems` values at a time."""
-        rows = rows_per_chunk(weight.shape, spec.blocksize, chunk_elems)
-        chunks = (weight[i:i + rows] for i in range(0, weight.shape[0], rows))
-        return cls.from_row_chunks(chunks, tuple(weight.shape), weight.dtype, spec)
+        return cls.quantize_rows(lambda start, stop: weight[start:stop], tuple(weight.shape), weight.dtype, spec,
+                                 chunk_elems=chunk_elems)
 
     @classmethod
-    def from_row_chunks(cls, chunks: Iterable[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype,
-                        spec: NF4Spec) -> NF4Weight:
-        """Quantize a weight given as consecutive row blocks (see `rows_per_chunk`).
+    def quantize_rows(cls, read_rows: Callable[[int, int], torch.Tensor], shape: tuple[int, int],
+                      dtype: torch.dtype, spec: NF4Spec, shard: RowShard = RowShard(),
+                      device: torch.device | None = None, chunk_elems: int = 1 << 20) -> NF4Weight:
+        """This rank's share of a weight, quantized from only the rows it needs.
 
-        Chunks start on quantization-block boundaries, so the bytes equal a one-shot
-        quantization. Streaming bounds the temporaries (the bf16 rows plus float32/int32 copies,
-        ~10 bytes per value) to one chunk: measured on a 6-layer, hidden-1024 model, one-shot
-        per-tensor quantization left the process holding ~0.9x the bf16 model size in freed but
-        unreturned heap.
+        Blocks are padded to a multiple of the world size and rank r keeps blocks
+        [r * per, (r + 1) * per), per = padded / world, so every rank holds whole blocks and
+        the same number of rows (the padding is zeros at the end). `read_rows(start, stop)`
+        returns those rows of the weight in any float dtype; about `chunk_elems` values are
+        read and quantized at a time, on `device` (default: where the rows come): streaming bounds
+        the temporaries (the bf16 rows plus float32/int32 copies, ~10 bytes per value) to one
+        chunk; measured on a 6-layer, hidden-1024 model, one-shot per-tensor quantization left the
+        process holding ~0.9x the bf16 model size in freed but unreturned heap. Blocks are independent, so the packed bytes equal a
+        one-shot quantization's; double quantization needs the whole weight's absmax (its
+        mean is the offset), which the ranks all-gather (4 bytes per block) and then
+        double-quantize identically, so the codes, `absmax2` and `offset` are bitsandbytes'
+        bytes too. Returns an NF4Weight whose parameters hold this rank's rows and carry the
+        whole padded shape (`shard.full_shape`).
         """
-        packed_parts, absmax_parts = [], []
-        for chunk in chunks:
-            packed, absmax = _quantize_flat(chunk.to(dtype).reshape(-1), spec.blocksize)
-            packed_parts.append(packed)
-            absmax_parts.append(absmax)
-        packed = torch.cat(packed_parts) if len(packed_parts) > 1 else packed_parts[0]
-        absmax = torch.cat(absmax_parts) if len(absmax_parts) > 1 else absmax_parts[0]
+        numel, cols = math.prod(shape), shape[-1]
+        bs = spec.blocksize
+        n_blocks = -(-numel // bs)
+        per = -(-n_blocks // shard.world)
+        b0, b1 = min(n_blocks, shard.rank * per), min(n_blocks, (shard.rank + 1) * per)
+        step = max(1, chunk_elems // bs)
+        parts = []
+        for a in range(b0, b1, step):
+            v0, v1 = a * bs, min(min(b1, a + step) * bs, numel)
+            r0 = v0 // cols
+            rows = read_rows(r0, -(-v1 // cols)).to(device=device, dtype=dtype)
+            parts.append(_quantize_flat(rows.reshape(-1)[v0 - r0 * cols: v1 - r0 * cols], bs))
+        weight = cls._assemble(parts, per, b0, n_blocks, shape, dtype, spec, shard, device)
+        if not shard.whole:
+            mark_full_shape(weight.qweight, (per * shard.world, bs // 2))
+            mark_full_shape(weight.qabsmax, (per * shard.world,))
+        return weight
+
+    @classmethod
+    def _assemble(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], rows: int, first_block: int, n_blocks: int,
+                  shape: tuple[int, int], dtype: torch.dtype, spec: NF4Spec, shard: RowShard,
+                  device: torch.device | None = None) -> NF4Weight:
+        """Lay quantized pieces (packed, absmax) of blocks [first_block, ...) out in `rows` block rows."""
+        device = parts[0][0].device if parts else (device or torch.device("cpu"))
+        qweight = torch.zeros(rows, spec.blocksize // 2, dtype=torch.uint8, device=device)
+        absmax = torch.zeros(rows, dtype=torch.float32, device=device)
+        at_byte = at_block = 0
+        for packed, part_absmax in parts:
+            qweight.view(-1)[at_byte: at_byte + packed.numel()] = packed.reshape(-1)
+            absmax[at_block: at_block + part_absmax.numel()] = part_absmax
+            at_byte, at_block = at_byte + packed.numel(), at_block + part_absmax.numel()
         if not spec.double_quant:
-            return cls(packed, absmax, shape, dtype, spec)
-        codes, absmax2, offset = _double_quantize(absmax)
-        return cls(packed, codes, shape, dtype, spec, absmax2, offset)
+            return cls(qweight, absmax, shape, dtype, spec)
+        whole = torch.cat(shard.gather(absmax))[:n_blocks]  # ranks' rows in order; padding only at the end
+        codes, absmax2, offset = _double_quantize(whole)
+        qabsmax = torch.zeros(rows, dtype=torch.uint8, device=device)
+        held = codes[first_block: first_block + rows]
+        qabsmax[: held.numel()] = held
+        return cls(qweight, qabsmax, shape, dtype, spec, absmax2, offset)
 
     def float_absmax(self, backend: str = "bnb") -> torch.Tensor:
         """The per-block float32 absmax (double quantization undone)."""
@@ -118,7 +179,9 @@ class NF4Weight(torch.nn.Module):
                               backend=backend)
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes held (padding included): whole on one rank, this rank's rows when sharded."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.absmax2 is not None else ""

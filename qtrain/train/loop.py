@@ -11,8 +11,6 @@ import torch
 
 from qtrain.data import Example, collate
 from qtrain.data.pipeline import ExampleStream
-from qtrain.distributed import ddp
-from qtrain.distributed import deepspeed as ds
 from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
 from qtrain.models.arch import collate_start_id
 from qtrain.train.checkpointing import save_checkpoint
@@ -93,13 +91,6 @@ def loss_sum_of(s: Session, batch: dict[str, torch.Tensor], model=None) -> torch
     return batch_loss_sum(logits, batch)
 
 
-def _accumulating(s: Session, last: bool):
-    """DDP's `no_sync` before the last micro-batch; DeepSpeed tracks the boundary itself."""
-    if s.engine is not None:
-        return contextlib.nullcontext()
-    return ddp.no_sync(s.forward_model, skip=not last)
-
-
 def train_step(s: Session, micro_batches: list[list[Example]], poison: bool = False,
                backward_factor: float = 1.0) -> StepResult:
     """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their trained tokens.
@@ -110,40 +101,27 @@ def train_step(s: Session, micro_batches: list[list[Example]], poison: bool = Fa
     t0 = time.perf_counter()
     batches = [_collate(s, examples) for examples in micro_batches]
     local_trained = sum(batch_trained_tokens(b) for b in batches)
-    (global_trained,) = ddp.all_reduce_sum([float(local_trained)], s.device)
+    (global_trained,) = s.engine.all_reduce_sum([float(local_trained)])
     n_trained = max(1.0, global_trained)
-    # DDP averages gradients over ranks; scaling by world size makes the result the gradient of
+    # Every engine averages gradients over ranks; scaling by world size makes the result the gradient of
     # (sum of every rank's token losses) / (all ranks' trained tokens), exactly what one process
     # with the combined batch computes.
     scale = s.env.world_size / n_trained
     total = 0.0
     for i, batch in enumerate(batches):
-        with _accumulating(s, last=i == len(batches) - 1):
+        with s.engine.accumulating(last=i == len(batches) - 1):
             loss_sum = loss_sum_of(s, batch, s.forward_model)
             if poison:
                 loss_sum = loss_sum * math.nan
-            if s.engine is not None:
-                ds.backward_and_step(s.engine, loss_sum * scale)
-            else:
-                s.scaler.scale(loss_sum * (scale * backward_factor)).backward()
+            s.engine.backward(loss_sum * (scale * backward_factor), s.scaler)
         total += float(loss_sum.detach())
-    (total,) = ddp.all_reduce_sum([total], s.device)
+    (total,) = s.engine.all_reduce_sum([total])
     loss = total / n_trained
-    overflow = False
-    if s.engine is not None:
-        # DeepSpeed's step already ran at the boundary: it clipped, and skipped the update if any
-        # rank's gradients were non-finite (a NaN/inf loss makes them so).
-        grad_norm, applied = ds.step_outcome(s.engine)
-        finite = applied and math.isfinite(loss)
-    else:
-        s.scaler.unscale(s.optimizer)  # fp16: clip and judge the true gradients, not the scaled ones
-        params = [p for g in s.optimizer.param_groups for p in g["params"]]
-        clip = s.recipe.train.grad_clip if s.recipe.train.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        overflow = s.scaler.overflowed(math.isfinite(loss), math.isfinite(grad_norm))
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        s.scaler.step(s.optimizer, apply=finite)
-        s.optimizer.zero_grad(set_to_none=True)
+    # Unscale (fp16), clip and step; a non-finite loss or gradient norm on any rank skips the update
+    # on every rank (under fp16 a finite loss with non-finite gradients is an overflow: the scale backs off).
+    outcome = s.engine.step(loss_finite=math.isfinite(loss), scaler=s.scaler)
+    grad_norm, finite = outcome.grad_norm, outcome.applied
+    overflow = s.scaler.overflowed(math.isfinite(loss), math.isfinite(grad_norm))
     if finite:
         s.scheduler.step()
     tokens = sum(batch_tokens(b) for b in batches)
@@ -229,7 +207,7 @@ def run_loop(s: Session, state: RunState, stream: ExampleStream, log: MetricsLog
                 state.last_loss = result.loss
                 state.nonfinite_in_row = 0
             faults.after_step(state.step)
-            preempted = ddp.any_rank(bool(flag), s.device)  # every rank stops at the same step
+            preempted = s.engine.any_rank(bool(flag))  # every rank stops at the same step
             if result.skipped:
                 if s.env.is_main:  # logged before the policy can stop the run
                     log.write(record)

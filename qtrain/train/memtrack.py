@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from qtrain.config import load_recipe
-    from qtrain.distributed.ddp import process_group
+    from qtrain.distributed.collectives import process_group
     from qtrain.distributed.env import read_env
 
     p = argparse.ArgumentParser(prog="python -m qtrain.train.memtrack", description=main.__doc__.splitlines()[0])

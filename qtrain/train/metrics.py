@@ -7,12 +7,14 @@ import resource
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from qtrain.checkpoint.atomic import atomic_write_text
 from qtrain.quant.linear import NF4Linear
+from qtrain.quant.nf4 import NF4Weight
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -23,10 +25,15 @@ def peak_memory_mib(device: torch.device) -> float:
     return kib / 2**20 if sys.platform == "darwin" else kib / 2**10
 
 
-def param_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); an NF4 weight counts as the parameters it stands for, not its bytes."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+def param_counts(model: nn.Module, numel: Callable[[torch.Tensor], int] = torch.Tensor.numel) -> tuple[int, int]:
+    """(trainable, total); an NF4 weight counts as the parameters it stands for, not its bytes.
+
+    `numel` counts a parameter's values over all ranks (an engine's, when it partitions them).
+    """
+    nf4_storage = {id(p) for m in model.modules() if isinstance(m, NF4Weight) for p in m.parameters()}
+    params = [p for p in model.parameters() if id(p) not in nf4_storage]
+    trainable = sum(numel(p) for p in params if p.requires_grad)
+    total = sum(numel(p) for p in params)
     for m in model.modules():
         if isinstance(m, NF4Linear):
             total += m.in_features * m.out_features

@@ -38,35 +38,40 @@ def attention_is_per_row(implementation: str | None) -> bool:
 
 
 def configure_batches(data: DataBundle, padding_free: str | bool, model: nn.Module, device: torch.device,
-                      autocast_dtype: Optional[torch.dtype]) -> None:
+                      autocast_dtype: Optional[torch.dtype], forward: Optional[nn.Module] = None) -> None:
     """Set `data.flat`, and check packed attention on `model` when batches will rely on it.
+
+    `forward` is what runs the model (default `model`): a sharding engine's wrapper, which gathers
+    the weights each rank holds a share of; every rank must then call this together.
 
     Raises:
         ModelError: the model lets packed rows attend to each other.
     """
     data.flat = flat_batches(padding_free, model)
     if data.flat or data.packed:
-        check_packed_attention(model, device, autocast_dtype)
+        check_packed_attention(model, device, autocast_dtype, forward)
 
 
 @torch.no_grad()
-def check_packed_attention(model: nn.Module, device: torch.device, autocast_dtype: Optional[torch.dtype]) -> None:
+def check_packed_attention(model: nn.Module, device: torch.device, autocast_dtype: Optional[torch.dtype],
+                           forward: Optional[nn.Module] = None) -> None:
     """Raise ModelError unless two rows packed in one sequence give the logits of each row alone."""
+    forward = model if forward is None else forward
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
     rows = [torch.randint(vocab, (n,), generator=generator).to(device) for n in (5, 3)]
     positions = torch.cat([torch.arange(len(r)) for r in rows]).to(device)
-    was_training = model.training
-    model.eval()
+    was_training = forward.training
+    forward.eval()
     amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     try:
         with amp:
-            alone = torch.cat([model(input_ids=r[None], use_cache=False).logits[0].float() for r in rows])
-            packed = model(input_ids=torch.cat(rows)[None], position_ids=positions[None],
+            alone = torch.cat([forward(input_ids=r[None], use_cache=False).logits[0].float() for r in rows])
+            packed = forward(input_ids=torch.cat(rows)[None], position_ids=positions[None],
                            use_cache=False).logits[0].float()
     finally:
-        model.train(was_training)
+        forward.train(was_training)
     # Rounding differs between the two masks (a few ulps of the compute dtype); a leak changes
     # the second row's logits at the scale of the logits themselves.
     low_precision = autocast_dtype is not None or model.get_input_embeddings().weight.dtype != torch.float32

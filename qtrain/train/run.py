@@ -15,11 +15,10 @@ from qtrain.checkpoint.full_io import save_model_dir
 from qtrain.checkpoint.lock import RunLock
 from qtrain.checkpoint.resume import find_resume_point, warn
 from qtrain.checkpoint.space import disk_full_stop, space_warning
-from qtrain.checkpoint.train_state import required_files, restore
+from qtrain.checkpoint.train_state import read_trainer_state, restore
 from qtrain.config.schema import Recipe
 from qtrain.data.pipeline import ExampleStream
-from qtrain.distributed import deepspeed as ds
-from qtrain.distributed.ddp import any_rank, process_group
+from qtrain.distributed.collectives import any_rank, process_group
 from qtrain.distributed.env import DistEnv, read_env
 from qtrain.errors import EXIT_PREEMPTED, ConfigError, QtrainError, TrainingStopped
 from qtrain.plan.planner import RunEstimate, run_estimate
@@ -68,7 +67,7 @@ def _say(s: Session, text: str) -> None:
 
 
 def _header(s: Session, estimate: RunEstimate) -> str:
-    trainable, total = param_counts(s.model)
+    trainable, total = param_counts(s.model, s.engine.numel)
     r = s.recipe
     what = ("full fine-tuning (fp32 master weights)" if r.peft.method == "full"
             else f"LoRA r={r.peft.r} on {len(s.target_names)} layers")
@@ -86,7 +85,7 @@ def artifact_dir(recipe: Recipe) -> Path:
 
 
 def build_summary(s: Session, state: RunState, estimate: RunEstimate) -> dict:
-    trainable, total = param_counts(s.model)
+    trainable, total = param_counts(s.model, s.engine.numel)
     times, tokens = state.step_times[1:] or state.step_times, state.tokens[1:] or state.tokens
     mb, ga = s.recipe.train.micro_batch_size, s.recipe.train.grad_accum
     return {
@@ -108,6 +107,9 @@ def build_summary(s: Session, state: RunState, estimate: RunEstimate) -> dict:
         "loss_scale_overflows": state.loss_scale_overflows,
         "global_batch_size": mb * ga * s.env.world_size,
         "world_size": s.env.world_size,
+        "engine": s.engine.name,
+        # This rank's resident 4-bit base (from tensor storage): 1/N of it when the engine shards it.
+        "nf4_bytes_per_rank": s.engine.nf4_bytes(s.model),
         "device": str(s.device),
         "quant": s.recipe.quant.method,
         "method": s.recipe.peft.method,
@@ -129,7 +131,7 @@ def _closing(summary: dict, out: Path, artifacts: dict[str, Path]) -> str:
 
 def artifact_mib(s: Session) -> float:
     """The final artifact's size: the adapter in fp32, or after full fine-tuning every weight in the compute dtype."""
-    trainable, total = param_counts(s.model)
+    trainable, total = param_counts(s.model, s.engine.numel)
     if s.recipe.peft.method == "full":
         return total * s.precision.dtype.itemsize / 2**20
     return trainable * 4 / 2**20
@@ -142,10 +144,9 @@ def warn_if_space_short(s: Session) -> None:
 
 
 def save_artifacts(s: Session, summary: dict) -> None:
-    """The run's result (adapter, or full model dir) and summary.json, each written atomically."""
+    """The run's result (adapter, or full model dir) and summary.json, each written atomically
+    (rank 0, inside the engine's `whole_trainable`)."""
     recipe = s.recipe
-    if s.engine is not None:
-        ds.check_adapter_whole(s.model)
     if recipe.peft.method == "full":
         save_model_dir(s.model, s.tokenizer, s.precision.dtype, artifact_dir(recipe))
     else:
@@ -154,9 +155,10 @@ def save_artifacts(s: Session, summary: dict) -> None:
 
 
 def _resume(s: Session, ckpt: Path, stream: ExampleStream, metrics: Path) -> RunState:
-    ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s), method=s.recipe.peft.method)
-    if s.engine is not None:
-        ds.load_optimizer_shard(s.engine, ckpt, s.env.rank)
+    s.engine.check_resume(read_trainer_state(ckpt))
+    with s.engine.whole_trainable(modify=True):
+        ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s), method=s.recipe.peft.method)
+    s.engine.load_state(ckpt)
     s.scheduler.load_state_dict(ts["scheduler"])
     s.scaler.load_state_dict(ts.get("scaler", {}))
     stream.load_state_dict(ts["data"])
@@ -181,8 +183,8 @@ def _train(recipe: Recipe, held: contextlib.ExitStack) -> dict:
         with fresh_output_dir(out):
             held.enter_context(output_dir_lock(out, env))
             s = prepare(recipe, env)
-            required = required_files(env.world_size, recipe.peft.method) + (ds.shard_files(env.world_size) if s.engine else [])
-            ckpt = find_resume_point(out, recipe.checkpoint.resume, required)
+            load_peak_mib = peak_memory_mib(s.device)  # loading and wrapping the model, before any step
+            ckpt = find_resume_point(out, recipe.checkpoint.resume, s.engine.checkpoint_files(recipe.peft.method))
             out.mkdir(parents=True, exist_ok=True)
         estimate = run_estimate(recipe, s.base_dir, env.world_size, s.device.type)  # the plan this run checks
         _say(s, _header(s, estimate))
@@ -206,11 +208,12 @@ def _train(recipe: Recipe, held: contextlib.ExitStack) -> dict:
             log.write_final_eval(state.step, state.last_eval_loss)
         finally:
             log.close()
-    summary = build_summary(s, state, estimate)
-    if env.is_main:
-        with disk_full_stop(f"the final {artifact_dir(recipe).name}/ and summary.json", out, artifact_mib(s),
-                            newest_checkpoint_text(out)):
-            save_artifacts(s, summary)
+        summary = {**build_summary(s, state, estimate), "peak_memory_load_mib": round(load_peak_mib, 1)}
+        with s.engine.whole_trainable():  # every rank: a sharding engine gathers the adapter here
+            if env.is_main:
+                with disk_full_stop(f"the final {artifact_dir(recipe).name}/ and summary.json", out, artifact_mib(s),
+                                    newest_checkpoint_text(out)):
+                    save_artifacts(s, summary)
     _say(s, _closing(summary, out, {artifact_dir(recipe).name: artifact_dir(recipe), **log.paths(),
                                     "checkpoints": out / "checkpoints", "base model": s.base_dir}))
     return summary

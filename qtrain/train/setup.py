@@ -14,8 +14,8 @@ from torch import nn
 
 from qtrain.config.schema import Recipe
 from qtrain.data import DataBundle, build_datasets, data_cache_dir
-from qtrain.distributed import ddp
-from qtrain.distributed import deepspeed as ds
+from qtrain.distributed import collectives
+from qtrain.distributed.engine import Engine, create_engine
 from qtrain.distributed.env import DistEnv
 from qtrain.errors import ConfigError
 from qtrain.models.arch import is_encoder_decoder
@@ -25,6 +25,7 @@ from qtrain.models.precision import Precision, resolve_precision, storage_dtype
 from qtrain.models.tokenizer import load_tokenizer
 from qtrain.peft.inject import inject_lora, lora_modules
 from qtrain.quant.nf4 import NF4Spec
+from qtrain.quant.shard import RowShard
 from qtrain.train.loss import fused_ce_supported
 from qtrain.train.optim import build_optimizer, build_scheduler
 from qtrain.train.packing_check import configure_batches
@@ -54,8 +55,8 @@ class Session:
     scaler: LossScaler
     # What forward runs through: the DDP or DeepSpeed wrapper under data parallelism, else `model`.
     forward_model: nn.Module
-    # The DeepSpeed engine (which then owns backward, clipping and the optimizer step), or None.
-    engine: object | None = None
+    # How the model is placed, stepped and checkpointed (qtrain.distributed.engine).
+    engine: Engine | None = None
     # Backend of the fused linear + cross-entropy loss, or None for the logits path (see fused_ce_backend()).
     fused_ce_backend: str | None = None
 
@@ -67,11 +68,11 @@ def kernel_backend(recipe: Recipe) -> str:
         raise ConfigError(str(exc)) from None
 
 
-def fused_ce_backend(recipe: Recipe, model: nn.Module, forward_model: nn.Module) -> str | None:
+def fused_ce_backend(recipe: Recipe, model: nn.Module, engine_owns_forward: bool) -> str | None:
     """"triton" when the fused linear + cross-entropy replaces the logits: `kernels: triton`, a plain
-    lm_head, a decoder-only LoRA run, and one process (under DDP/DeepSpeed the forward must go
-    through their wrapper)."""
-    if kernel_backend(recipe) != "triton" or forward_model is not model or not fused_ce_supported(model):
+    lm_head, a decoder-only LoRA run, and an engine that lets the loss call submodules directly
+    (under DDP/DeepSpeed/FSDP the forward must go through their wrapper or hooks)."""
+    if kernel_backend(recipe) != "triton" or engine_owns_forward or not fused_ce_supported(model):
         return None
     if getattr(model.config, "is_encoder_decoder", False):  # the fused loss is written for decoder-only LMs
         return None
@@ -104,13 +105,14 @@ def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Pat
     base_dir = Path(m.base_dir) if m.base_dir else Path(recipe.output_dir) / "base"
     if env.is_main:  # one writer; the other ranks read it once it is complete
         write_random_base(m.from_config, tokenizer, recipe.seed, storage_dtype(m.dtype), base_dir)
-    ddp.barrier()
+    collectives.barrier()
     return base_dir
 
 
 def build_model(recipe: Recipe, base_dir: Path, device: torch.device,
-                precision: Precision | None = None) -> tuple[nn.Module, list[str]]:
-    """Streamed (4-bit) base with LoRA attached; only LoRA parameters require grad.
+                precision: Precision | None = None, shard: RowShard = RowShard()) -> tuple[nn.Module, list[str]]:
+    """Streamed (4-bit) base with LoRA attached; only LoRA parameters require grad. Under an engine
+    that shards the base, each rank loads only its rows (`shard`); the adapter is created whole.
 
     Full fine-tuning (`peft.method: full`) instead loads the base unquantized with fp32 master
     weights (compute still runs under the recipe's autocast) and trains every parameter; the
@@ -120,7 +122,7 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device,
     precision = precision or resolve_precision(recipe.model.dtype, device)
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
     dtype = torch.float32 if full else precision.dtype
-    model = load_model(base_dir, dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code)
+    model = load_model(base_dir, dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code, shard)
     if full:
         names: list[str] = []
         for p in model.parameters():
@@ -140,11 +142,7 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device,
 def prepare(recipe: Recipe, env: DistEnv) -> Session:
     kernel_backend(recipe)  # refuse an impossible kernels= before any work
     check_loggers(recipe.logging)
-    ds_config = ds.build_config(recipe, env.world_size) if ds.enabled(recipe) else None
-    if env.world_size > 1 and recipe.distributed.engine == "plain":
-        # Each rank would train its own unsynchronized adapter.
-        raise ConfigError(f"distributed.engine: 'plain' is single-process, but {env.world_size} processes were "
-                          "launched; use 'auto' or 'ddp'")
+    engine = create_engine(recipe, env)  # likewise an impossible engine setting
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     if recipe.train.deterministic:
@@ -153,27 +151,24 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     precision = resolve_precision(recipe.model.dtype, device)
     autocast = autocast_dtype(recipe, precision)
     scaling = needs_loss_scaling(precision, autocast)
-    if scaling and ds_config is not None:
-        raise ConfigError(f"model.dtype: fp16 compute needs loss scaling, which qtrain does not run under DeepSpeed yet "
-                          f"({precision.reason}); set model.dtype: float32 (or bfloat16 on a GPU that has it), "
-                          "or use distributed.engine: ddp")
+    if scaling and not engine.supports_loss_scaling:
+        raise ConfigError(f"model.dtype: fp16 compute needs loss scaling, which qtrain does not run under "
+                          f"distributed.engine: {engine.name} yet ({precision.reason}); set model.dtype: float32 "
+                          "(or bfloat16 on a GPU that has it), or use distributed.engine: ddp")
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=is_encoder_decoder(recipe.model),
                           cache_dir=data_cache_dir(recipe.data, recipe.output_dir),
                           progress=recipe.logging.progress and env.is_main, local_world_size=env.local_world_size)
     base_dir = resolve_base_dir(recipe, tokenizer, env)
     torch.manual_seed(recipe.seed)  # LoRA A init
-    model, names = build_model(recipe, base_dir, device, precision)
-    configure_batches(data, recipe.data.padding_free, model, device, autocast)
+    shard = engine.row_shard()
+    model, names = build_model(recipe, base_dir, device, precision, shard)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, recipe.train, device)
+    optimizer = engine.wrap(model, lambda params: build_optimizer(params, recipe.train, device))
+    # A rank holding a share of the base runs the packed-attention probe through the engine (it gathers).
+    configure_batches(data, recipe.data.padding_free, model, device, autocast,
+                      None if shard.whole else engine.forward_model)
     scheduler = build_scheduler(optimizer, recipe.train)
-    engine = None
-    if ds_config is not None:
-        forward_model = engine = ds.wrap(model, optimizer, ds_config, recipe.distributed.timeout_s)
-    else:
-        forward_model = ddp.wrap(model, device) if ddp.active() else model
     return Session(recipe, env, device, tokenizer, data, base_dir, model, names, optimizer, scheduler,
-                   autocast, precision, LossScaler(scaling, device), forward_model, engine,
-                   fused_ce_backend(recipe, model, forward_model))
+                   autocast, precision, LossScaler(scaling, device), engine.forward_model, engine,
+                   fused_ce_backend(recipe, model, engine.owns_forward))

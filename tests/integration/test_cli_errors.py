@@ -126,9 +126,28 @@ def tokenizer_without_pad(tmp: Path) -> Case:
     return Case([f"model.tokenizer={tok_dir}"], ["model.tokenizer", str(tok_dir), "no pad token", "pad_token ="])
 
 
+def fsdp_with_deepspeed_config(tmp: Path) -> Case:
+    return Case(["distributed.engine=fsdp", "distributed.deepspeed_config=configs/deepspeed/zero3.json"],
+                ["distributed.deepspeed_config: set, but distributed.engine is 'fsdp'"], config_stage=True)
+
+
+def fsdp_with_paged_optimizer(tmp: Path) -> Case:
+    return Case(["distributed.engine=fsdp", "train.optimizer=paged_adamw_8bit"],
+                ["train.optimizer: 'paged_adamw_8bit' is not supported under distributed.engine: fsdp", "use adamw"],
+                config_stage=True)
+
+
+def zero3_json_requantizes_the_base(tmp: Path) -> Case:
+    path = tmp / "zero3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True}}))
+    return Case(["distributed.engine=deepspeed", f"distributed.deepspeed_config={path}", "train.optimizer=adamw"],
+                [str(path), "zero_optimization.zero_quantized_nontrainable_weights", "quant section", "remove it"])
+
+
 CASES: dict[str, Callable[[Path], Case]] = {f.__name__: f for f in (
     malformed_yaml, missing_recipe, unknown_key, wrong_type, rank_zero, kernels_triton, missing_data,
     row_without_response, empty_data, all_rows_too_long, targets_match_nothing, tokenizer_without_pad,
+    fsdp_with_deepspeed_config, fsdp_with_paged_optimizer, zero3_json_requantizes_the_base,
 )}
 
 

@@ -48,18 +48,23 @@ def test_finished_run_is_not_requeued(tmp_path):
     assert not marker.exists()
 
 
-def test_multi_node_dry_run_prints_the_exact_launch_for_2_nodes_x_4_gpus(tmp_path):
-    script = REPO / "launch" / "slurm" / "multi_node.sbatch"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+def _multi_node_dry_run(tmp_path: Path, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`script` as SLURM would start it on 2 nodes (gpu01, gpu02), printing the launch instead of running it."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu01\\ngpu02\\n"\n')
     (fake_bin / "scontrol").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "QTRAIN_DRY_RUN": "1",
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_PER_NODE": "4",
-           "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_NODEID": "0"}
-    proc = subprocess.run(["bash", str(script), "configs/llama3_8b_qlora_multi_gpu.yaml", "train.max_steps=10"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    full_env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "QTRAIN_DRY_RUN": "1",
+                "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[01-02]", **env}
+    path = REPO / "launch" / "slurm" / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    return subprocess.run(["bash", str(path), *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_multi_node_dry_run_prints_the_exact_launch_for_2_nodes_x_4_gpus(tmp_path):
+    proc = _multi_node_dry_run(tmp_path, "multi_node.sbatch", "configs/llama3_8b_qlora_multi_gpu.yaml",
+                               "train.max_steps=10", SLURM_GPUS_PER_NODE="4", SLURM_NODEID="0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [
         "srun", "--kill-on-bad-exit=1", "torchrun", "--nnodes", "2", "--nproc_per_node", "4",
@@ -68,23 +73,28 @@ def test_multi_node_dry_run_prints_the_exact_launch_for_2_nodes_x_4_gpus(tmp_pat
 
 
 def test_multi_node_deepspeed_dry_run_writes_the_hostfile(tmp_path):
-    script = REPO / "launch" / "slurm" / "multi_node.sbatch"
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu01\\ngpu02\\n"\n')
-    (fake_bin / "scontrol").chmod(0o755)
     hostfile = tmp_path / "hosts"
-    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "QTRAIN_DRY_RUN": "1",
-           "QTRAIN_LAUNCHER": "deepspeed", "QTRAIN_HOSTFILE": str(hostfile), "SLURM_JOB_ID": "77",
-           "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_PER_NODE": "4", "SLURM_JOB_NODELIST": "gpu[01-02]"}
-    proc = subprocess.run(["bash", str(script), "configs/llama3_8b_qlora_multi_gpu.yaml", "distributed.engine=deepspeed"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    proc = _multi_node_dry_run(tmp_path, "multi_node.sbatch", "configs/llama3_8b_qlora_multi_gpu.yaml",
+                               "distributed.engine=deepspeed", SLURM_GPUS_PER_NODE="4", QTRAIN_LAUNCHER="deepspeed",
+                               QTRAIN_HOSTFILE=str(hostfile))
     assert proc.returncode == 0, proc.stderr
     assert hostfile.read_text() == "gpu01 slots=4\ngpu02 slots=4\n"
     assert proc.stdout.split() == [
         "deepspeed", "--hostfile", str(hostfile), "--master_addr", "gpu01", "--master_port", "29500",
         "--no_local_rank", "--module", "qtrain", "train", "configs/llama3_8b_qlora_multi_gpu.yaml",
         "distributed.engine=deepspeed"]
+
+
+def test_multi_node_fsdp_dry_run_launches_torchrun_with_the_fsdp_engine(tmp_path):
+    # QTRAIN_LAUNCHER=deepspeed left over in the environment must not change an FSDP launch
+    proc = _multi_node_dry_run(tmp_path, "multi_node_fsdp.sbatch", "configs/llama3_70b_qlora_fsdp.yaml",
+                               "train.max_steps=10", SLURM_GPUS_PER_NODE="8", QTRAIN_LAUNCHER="deepspeed",
+                               SLURM_SUBMIT_DIR=str(REPO))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        "srun", "--kill-on-bad-exit=1", "torchrun", "--nnodes", "2", "--nproc_per_node", "8",
+        "--rdzv_id", "77", "--rdzv_backend", "c10d", "--rdzv_endpoint", "gpu01:29500",
+        "-m", "qtrain", "train", "configs/llama3_70b_qlora_fsdp.yaml", "train.max_steps=10", "distributed.engine=fsdp"]
 
 
 def test_torchrun_wrapper_dry_run():

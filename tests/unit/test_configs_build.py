@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from qtrain.config import load_recipe
+from qtrain.distributed.collectives import process_group
 from qtrain.distributed.env import DistEnv
 from qtrain.train.loop import train_step
 from qtrain.train.setup import prepare
@@ -54,9 +55,10 @@ def test_config_builds_and_steps_at_tiny_size(path, tmp_path):
     overrides = COMMON + TINY[arch] + [f"output_dir={tmp_path / 'run'}",
                                        f"data.path={_data_for(shipped.data.format, tmp_path)}"]
     recipe = load_recipe(path, overrides)
-    session = prepare(recipe, DistEnv())
-    before = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
-    result = train_step(session, [[session.data.train[0], session.data.train[1]]])
+    with process_group(DistEnv(), 60):  # as a run does: an engine's one-process group ends with it
+        session = prepare(recipe, DistEnv())
+        before = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
+        result = train_step(session, [[session.data.train[0], session.data.train[1]]])
+        changed = [n for n, p in session.model.named_parameters() if p.requires_grad and not p.equal(before[n])]
     assert result.loss > 0 and result.grad_norm > 0
-    changed = [n for n, p in session.model.named_parameters() if p.requires_grad and not p.equal(before[n])]
     assert changed  # the optimizer really stepped the adapter

@@ -38,7 +38,7 @@ def test_what_the_knobs_change_moves_the_plan_the_right_way(capsys):
     assert fused["peak_mib"] < base["peak_mib"] and no_ckpt["peak_mib"] > base["peak_mib"]
     sharded_parts = {c["name"]: c["mib"] for c in sharded["components"]}
     assert sharded_parts["base_nf4"] == pytest.approx(parts["base_nf4"] / 8, rel=1e-3)
-    assert sharded["engine_runnable"] is False  # FSDP is planned on paper until the engine lands
+    assert sharded["engine_runnable"] is True  # engine fsdp runs the sharded base (qtrain.distributed.engine)
 
 
 def test_suggestions_are_overrides_that_really_fit(capsys):

@@ -107,7 +107,7 @@ def test_engine_shares_come_from_the_recipe_and_its_deepspeed_json(tmp_path):
 
 
 def test_engines_not_in_this_checkout_are_marked_on_paper():
-    from qtrain.distributed import deepspeed as ds
+    from qtrain.distributed import deepspeed_config as ds
 
     recipe = load_recipe(QUICKSTART)
     assert resolve_engine(recipe, 2, "zero2").landed

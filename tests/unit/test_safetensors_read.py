@@ -39,6 +39,14 @@ def test_row_chunks_concatenate_to_the_tensor(st_file, rows):
         assert torch.equal(torch.cat(chunks), ref.get_tensor("a.weight"))
 
 
+@pytest.mark.parametrize("start,stop", [(0, 5), (10, 37), (30, 100), (37, 40), (3, 3)])
+def test_row_ranges_equal_the_library_slice(st_file, start, stop):
+    """What a sharded load reads: rank r's rows, clipped to the tensor (possibly none)."""
+    with safe_open(str(st_file), framework="pt") as ref, SafetensorsFile(st_file) as ours:
+        got, want = ours.rows("a.weight", start, stop), ref.get_slice("a.weight")[start:stop]
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
 def test_truncated_file_is_a_model_error_naming_it(st_file):
     data = st_file.read_bytes()
     st_file.write_bytes(data[: len(data) - 16])

@@ -1,0 +1,90 @@
+"""The torch.distributed process group and the few collectives every engine and the loader need."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from qtrain.distributed.env import DistEnv
+
+
+def init_process_group(env: DistEnv, timeout_s: float) -> None:
+    """nccl on CUDA, gloo on CPU; a collective that waits longer than `timeout_s` fails the job."""
+    if env.world_size <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum scalars over ranks (float64, so token counts and loss sums stay exact)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank (preemption, non-finite values)."""
+    if not active():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape and dtype everywhere), in rank order; bytes are moved as they are."""
+    if not active():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def ensure_process_group(env: DistEnv, timeout_s: float) -> None:
+    """A process group even for one process (FSDP2 and torch.distributed.checkpoint need one);
+    a launcher's group when there is one, else a private in-memory store of world size 1."""
+    if dist.is_initialized():
+        return
+    if env.world_size > 1:
+        init_process_group(env, timeout_s)
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, timeout_s: float) -> Iterator[None]:
+    init_process_group(env, timeout_s)
+    try:
+        yield
+    finally:
+        destroy()
