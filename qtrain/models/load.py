@@ -31,6 +31,7 @@ from torch import nn
 
 from qtrain.errors import ModelError
 from qtrain.models.arch import auto_model_class, read_config
+from qtrain.models.key_map import checkpoint_key_map
 from qtrain.models.safetensors_read import SafetensorsFile
 from qtrain.quant.linear import NF4Linear
 from qtrain.quant.nf4 import NF4Spec, NF4Weight
@@ -109,20 +110,22 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     biases: dict[str, nn.Parameter] = {}
-    for fh, key in iter_tensors(files):
+    model_key = checkpoint_key_map(model, model_dir)  # stored names -> the model's (as from_pretrained)
+    for fh, stored in iter_tensors(files):
+        key = model_key(stored)
         module_name, _, leaf = key.rpartition(".")
         if module_name in to_quantize:
             loaded.add(key)
             if leaf == "weight":
-                rows = functools.partial(fh.rows, key)
-                nf4 = NF4Weight.quantize_rows(rows, fh.shape(key), dtype, quantize, shard, device, CHUNK_ELEMS)
+                rows = functools.partial(fh.rows, stored)
+                nf4 = NF4Weight.quantize_rows(rows, fh.shape(stored), dtype, quantize, shard, device, CHUNK_ELEMS)
                 model.set_submodule(module_name, NF4Linear(nf4, None, backend))
             else:
-                biases[module_name] = local_parameter(fh, key, shard, device, dtype)
+                biases[module_name] = local_parameter(fh, stored, shard, device, dtype)
             continue
         if key not in params:
             continue  # e.g. rotary tables some checkpoints carry; the model builds its own
-        place_parameter(model, key, local_parameter(fh, key, shard, device, param_dtype(model, key, dtype)))
+        place_parameter(model, key, local_parameter(fh, stored, shard, device, param_dtype(model, key, dtype)))
         loaded.add(key)
     for name, bias in biases.items():
         model.get_submodule(name).bias = bias
