@@ -24,13 +24,14 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from qtrain.checkpoint.adapter_io import load_adapter_weights, peft_config_of, read_adapter
+from qtrain.peft.artifact import read_adapter
 from qtrain.config.schema import PeftConfig
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.infer.multi_lora import (Method, MultiLoRALinear, check_adapter_name, convert_lora_model,
                                      multi_lora_modules, use_adapters, wrap_linear)
 from qtrain.peft.inject import LINEAR_TYPES
-from qtrain.peft.lora import LoRALinear
+from qtrain.peft.lora import LoRA, LoRALinear
+from qtrain.peft.registry import method_of_artifact
 from qtrain.peft.targets import matches
 from qtrain.quant.linear import NF4Linear
 
@@ -86,7 +87,7 @@ def stage_adapter(model: nn.Module, cfg: PeftConfig, tensors: dict[str, torch.Te
         for n in names:
             _nest(shadow, n, LoRALinear(_frozen_base(layers[n]), cfg.r, cfg.alpha, 0.0, cfg.rslora))
     try:
-        load_adapter_weights(shadow, tensors)
+        LoRA().load_state(shadow, tensors)
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
     return {n: shadow.get_submodule(n) for n in names}
@@ -131,8 +132,11 @@ class AdapterSet:
         if not path.is_dir():
             raise CheckpointError(f"adapter dir not found: {path} (pass the adapter/ dir a training run wrote)")
         config, tensors = read_adapter(path)
+        method = method_of_artifact(config, str(path / "adapter_config.json"))
+        if method.name != "lora":
+            raise CheckpointError(f"{path}: a {method.name} adapter; only LoRA adapters load here")
         try:
-            cfg = peft_config_of(config)
+            cfg = method.config_from_artifact(config)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path / 'adapter_config.json'}: cannot read LoRA settings ({exc!r}); "
                                   "it needs r, lora_alpha and target_modules") from None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -64,12 +64,17 @@ def quantizable_linears(model: nn.Module) -> set[str]:
             if isinstance(m, nn.Linear) and m is not head and not keep_in_fp32(model, n)}
 
 
-def param_dtype(model: nn.Module, key: str, dtype: torch.dtype) -> torch.dtype:
+def param_dtype(model: nn.Module, key: str, dtype: torch.dtype, dense: tuple[str, ...] = ()) -> torch.dtype:
     """The dtype a floating-point tensor `key` is placed in: `dtype`, except fp32 for a keep-in-fp32
-    module under fp16 (as transformers' from_pretrained does)."""
-    if dtype == torch.float16 and keep_in_fp32(model, key.rpartition(".")[0]):
+    module under fp16 (as transformers' from_pretrained does) and for the caller's dense modules."""
+    module = key.rpartition(".")[0]
+    if (dtype == torch.float16 and keep_in_fp32(model, module)) or under(module, dense):
         return torch.float32
     return dtype
+
+
+def under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
@@ -83,14 +88,20 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, quantize: NF4Spec | None,
-               backend: str = "bnb", trust_remote_code: bool = False) -> nn.Module:
-    """Load `model_dir` onto `device`; with `quantize`, every non-head linear becomes an `NF4Linear`."""
+               backend: str = "bnb", trust_remote_code: bool = False,
+               dense: Callable[[nn.Module], list[str]] | None = None) -> nn.Module:
+    """Load `model_dir` onto `device`; with `quantize`, every non-head linear becomes an `NF4Linear`.
+
+    `dense(skeleton)` names modules kept out of that: their tensors load unquantized in fp32 (layer
+    freezing trains them in full precision while the rest of the model stays 4-bit).
+    """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"model.path: {model_dir} is not a Hugging Face model dir (no config.json)")
     files = shard_files(model_dir)
     model = build_skeleton(model_dir, dtype, trust_remote_code)
-    to_quantize = quantizable_linears(model) if quantize is not None else set()
+    keep = tuple(dense(model)) if dense is not None else ()
+    to_quantize = {n for n in quantizable_linears(model) if not under(n, keep)} if quantize is not None else set()
     # Every name, tied aliases included (T5's lm_head / encoder.embed_tokens of `shared`): a checkpoint
     # that holds an alias's own tensor gets it untied, as transformers' from_pretrained does.
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -111,7 +122,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
         if key not in params:
             continue  # e.g. rotary tables some checkpoints carry; the model builds its own
         tensor = fh.read(key)
-        target = param_dtype(model, key, dtype)
+        target = param_dtype(model, key, dtype, keep)
         value = tensor.to(device=device, dtype=target) if tensor.is_floating_point() else tensor.to(device)
         place_parameter(model, key, value)
         loaded.add(key)

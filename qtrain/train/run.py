@@ -8,9 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from qtrain.checkpoint.adapter_io import save_adapter
 from qtrain.checkpoint.atomic import atomic_write_text
-from qtrain.checkpoint.full_io import save_model_dir
 from qtrain.checkpoint.resume import find_resume_point
 from qtrain.checkpoint.train_state import required_files, restore
 from qtrain.config.schema import Recipe
@@ -19,6 +17,8 @@ from qtrain.distributed import deepspeed as ds
 from qtrain.distributed.ddp import process_group
 from qtrain.distributed.env import read_env
 from qtrain.errors import EXIT_PREEMPTED, QtrainError, TrainingStopped
+from qtrain.peft.method import ArtifactContext
+from qtrain.peft.registry import method_for
 from qtrain.train.checkpointing import checkpoint_optimizer
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import catch_preemption
@@ -47,15 +47,14 @@ def _say(s: Session, text: str) -> None:
 def _header(s: Session) -> str:
     trainable, total = param_counts(s.model)
     r = s.recipe
-    what = ("full fine-tuning (fp32 master weights)" if r.peft.method == "full"
-            else f"LoRA r={r.peft.r} on {len(s.target_names)} layers")
+    what = method_for(r.peft).describe(r.peft, s.target_names)
     return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
             f"of {total:,} params ({100 * trainable / total:.3f}%)\n{s.data.report.summary_line()}")
 
 
 def artifact_dir(recipe: Recipe) -> Path:
-    """What a finished run leaves to use: `adapter/` (PEFT format), or `model/` after full fine-tuning."""
-    return Path(recipe.output_dir) / ("model" if recipe.peft.method == "full" else "adapter")
+    """What a finished run leaves to use: `adapter/` (the method's format), or `model/` after full fine-tuning."""
+    return Path(recipe.output_dir) / method_for(recipe.peft).artifact_dir
 
 
 def build_summary(s: Session, state: RunState) -> dict:
@@ -80,6 +79,7 @@ def build_summary(s: Session, state: RunState) -> dict:
         "method": s.recipe.peft.method,
         "lora_layers": len(s.target_names),
         "data": vars(s.data.report),
+        **method_for(s.recipe.peft).report(s.model),
     }
 
 
@@ -139,10 +139,8 @@ def train(recipe: Recipe) -> dict:
     if env.is_main:
         if s.engine is not None:
             ds.check_adapter_whole(s.model)
-        if recipe.peft.method == "full":
-            save_model_dir(s.model, s.tokenizer, DTYPES[recipe.model.dtype], artifact_dir(recipe))
-        else:
-            save_adapter(s.model, recipe.peft, str(s.base_dir.resolve()), artifact_dir(recipe))
+        ctx = ArtifactContext(recipe.peft, str(s.base_dir.resolve()), s.tokenizer, DTYPES[recipe.model.dtype])
+        method_for(recipe.peft).save_artifact(s.model, ctx, artifact_dir(recipe))
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _say(s, _closing(summary, out, artifact_dir(recipe)))
     return summary

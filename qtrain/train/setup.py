@@ -22,11 +22,12 @@ from qtrain.models.arch import is_encoder_decoder
 from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
 from qtrain.models.tokenizer import load_tokenizer
-from qtrain.peft.inject import inject_lora, lora_modules
+from qtrain.peft.layer import prepare_recompute
+from qtrain.peft.recompute import checkpoint_kwargs
+from qtrain.peft.registry import method_for
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.train.loss import fused_ce_supported
 from qtrain.train.optim import build_optimizer, build_scheduler
-from qtrain.peft.recompute import checkpoint_kwargs, mark_kept_outputs
 from qtrain_kernels import dispatch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -62,15 +63,13 @@ def kernel_backend(recipe: Recipe) -> str:
 
 def fused_ce_backend(recipe: Recipe, model: nn.Module, forward_model: nn.Module) -> str | None:
     """"triton" when the fused linear + cross-entropy replaces the logits: `kernels: triton`, a plain
-    lm_head, a decoder-only LoRA run, and one process (under DDP/DeepSpeed the forward must go
-    through their wrapper)."""
+    lm_head, a decoder-only model, a method that allows it, and one process (under DDP/DeepSpeed
+    the forward must go through their wrapper)."""
     if kernel_backend(recipe) != "triton" or forward_model is not model or not fused_ce_supported(model):
         return None
     if getattr(model.config, "is_encoder_decoder", False):  # the fused loss is written for decoder-only LMs
         return None
-    if recipe.peft.method == "full":
-        # Full fine-tuning trains the head from fp32 master weights under autocast; the fused loss
-        # accumulates dW in the compute dtype and assumes a frozen head in it.
+    if not method_for(recipe.peft).fused_loss:  # e.g. full fine-tuning's fp32 head, virtual tokens
         return None
     return "triton"
 
@@ -95,29 +94,18 @@ def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Pat
 
 
 def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[nn.Module, list[str]]:
-    """Streamed (4-bit) base with LoRA attached; only LoRA parameters require grad.
-
-    Full fine-tuning (`peft.method: full`) instead loads the base unquantized with fp32 master
-    weights (compute still runs under the recipe's autocast) and trains every parameter; the
-    returned name list is then empty.
-    """
-    full = recipe.peft.method == "full"
-    spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
-    dtype = torch.float32 if full else DTYPES[recipe.model.dtype]
-    model = load_model(base_dir, dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code)
-    if full:
-        names: list[str] = []
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        names = inject_lora(model, recipe.peft)
+    """The streamed (4-bit) base with the recipe's method attached; only the method's parameters
+    require grad. Returns the model and the names of the modules the method adapted."""
+    method = method_for(recipe.peft)
+    opts = method.load_options(recipe.peft, DTYPES[recipe.model.dtype], recipe.quant.method == "nf4")
+    spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if opts.quantize else None
+    model = load_model(base_dir, opts.dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code,
+                       dense=opts.dense)
+    names = method.inject(model, recipe.peft)
     model.config.use_cache = False
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(recipe.train.recompute))
-        layers = lora_modules(model)
-        for mod in layers.values():
-            mod.save_weight_for_backward = True
-        mark_kept_outputs(layers, recipe.train.recompute)
+        prepare_recompute(model, recipe.train.recompute)
     return model, names
 
 
