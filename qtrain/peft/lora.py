@@ -69,7 +69,7 @@ def lora_config(cfg: PeftConfig, base_model: str, task_type: str, targets) -> di
     return {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
-        "use_rslora": cfg.rslora, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "use_rslora": cfg.rslora, "use_dora": False, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None,
     }
 
@@ -77,14 +77,16 @@ def lora_config(cfg: PeftConfig, base_model: str, task_type: str, targets) -> di
 class LoRA(Method):
     name = "lora"
     peft_type = "LORA"
+    label = "LoRA"
+    layer_class: type = LoRALinear
 
     def inject(self, model: nn.Module, cfg: PeftConfig) -> list[str]:
         freeze(model)
         return wrap_targets(model, cfg.targets, default_targets(model),
-                            lambda _, base: LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
+                            lambda _, base: self.layer_class(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
 
     def describe(self, cfg: PeftConfig, names: list[str]) -> str:
-        return f"LoRA r={cfg.r} on {len(names)} layers"
+        return f"{self.label} r={cfg.r} on {len(names)} layers"
 
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out = {}

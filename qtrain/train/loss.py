@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.peft.sequence import model_logits
+
 IGNORE_INDEX = -100
 
 
@@ -32,11 +34,12 @@ def batch_trained_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits for a collated batch: the causal LM's over input_ids, or the decoder's."""
+    """The model's logits for a collated batch: the causal LM's over input_ids, or the decoder's; through
+    the method hook, so prompt/prefix tuning see every training and eval batch (one row per real token)."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if is_seq2seq_batch(batch):
         kwargs["decoder_input_ids"] = batch["decoder_input_ids"]
-    return model(**kwargs).logits
+    return model_logits(model, kwargs)
 
 
 def batch_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,55 @@
+"""DoRA: LoRA with a learned magnitude per output row (Liu et al. 2024), over a dense or NF4 base.
+
+    W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row        m starts at ‖W‖_row, so a fresh adapter is the base
+
+Runs through `qtrain_kernels.adapted_linear` (the LoRA dispatch point's sibling): the row norm is
+computed from W·Aᵀ and a cached ‖W‖², never from a materialized W + s·B·A. The artifact is peft's
+LORA format with `use_dora: true` and a `lora_magnitude_vector` per layer. Merging is exact math
+(W' above) and allowed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qtrain.peft.artifact import PREFIX
+from qtrain.peft.layer import compute_dtype
+from qtrain.peft.lora import LoRA, LoRALinear, lora_modules
+from qtrain_kernels.adapted_linear import adapted_linear
+from qtrain_kernels.lora_linear import lora_linear
+
+
+class DoRALinear(LoRALinear):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+        super().__init__(base, r, alpha, dropout, rslora)
+        with torch.no_grad():
+            w_sq = self._weight_fn(torch.float32).float().pow(2).sum(1)
+        # ‖W_row‖² of the frozen base (W never changes), for the row norm without W + s·B·A.
+        self.register_buffer("w_sq", w_sq, persistent=False)
+        self.lora_magnitude_vector = nn.Parameter(w_sq.sqrt())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(compute_dtype(x))
+        bias, kw = self.base_bias, self.kernel_kwargs()
+        if not self.adapter_enabled:
+            return lora_linear(x, self._weight_fn, bias, **kw)
+        p = self.dropout if self.training else 0.0
+        return self.dispatch(adapted_linear, x, self._weight_fn, bias, self.lora_A.weight, self.lora_B.weight,
+                             self.scale, p, self.save_weight_for_backward, out_scale=self.lora_magnitude_vector,
+                             dora=True, w_sq=self.w_sq, **kw)
+
+
+class DoRA(LoRA):
+    name = "dora"
+    label = "DoRA"
+    layer_class = DoRALinear
+
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        out = super().state(model)
+        for name, mod in lora_modules(model).items():
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = mod.lora_magnitude_vector
+        return out
+
+    def artifact_config(self, model: nn.Module, cfg, base_model: str) -> dict:
+        return {**super().artifact_config(model, cfg, base_model), "use_dora": True}

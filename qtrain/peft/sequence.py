@@ -1,0 +1,64 @@
+"""The one hook through which methods that change the sequence take part in every model call.
+
+Prompt tuning prepends virtual token embeddings; prefix tuning gives every attention layer
+key/value prefixes through the model's cache API. Such a method attaches a `SequenceAdapter`
+module to the model (as `model.sequence_adapter`), and every path that calls the model with a
+batch of token ids goes through `prepare_call` (or `model_logits`): the training and eval losses
+(qtrain.train.loss.batch_logits) and generation's prefill (qtrain.infer.decode). Nothing else
+knows which method is active; without an adapter the call is unchanged.
+
+The contract of `SequenceAdapter.transform(model, kwargs, generation)`: take the kwargs of a
+model call holding `input_ids` and `attention_mask` (plus, for an encoder-decoder model, the
+decoder's own inputs, which stay untouched) and return (kwargs to call the model with, number of
+virtual positions prepended to the *output*). The returned attention mask covers the virtual
+positions, so a caller that continues the sequence (KV-cached generation) extends that mask.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+ATTR = "sequence_adapter"
+
+
+class SequenceAdapter(nn.Module):
+    """Base of the modules prompt/prefix tuning attach to a model; see the module docstring."""
+
+    def transform(self, model: nn.Module, kwargs: dict, generation: bool) -> tuple[dict, int]:
+        raise NotImplementedError
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a DDP / DeepSpeed wrapper (those keep it as `.module`)."""
+    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def sequence_adapter(model: nn.Module) -> Optional[SequenceAdapter]:
+    adapter = getattr(unwrap(model), ATTR, None)
+    return adapter if isinstance(adapter, SequenceAdapter) else None
+
+
+def attach(model: nn.Module, adapter: SequenceAdapter) -> None:
+    """Register `adapter` on the model (its parameters become the model's, so DDP and the optimizer see them)."""
+    model.add_module(ATTR, adapter)
+
+
+def prepare_call(model: nn.Module, kwargs: dict, generation: bool = False) -> tuple[dict, int]:
+    """(kwargs for `model(**kwargs)`, virtual positions prepended to the output) with the model's
+    sequence method applied; the kwargs unchanged and 0 without one."""
+    adapter = sequence_adapter(model)
+    if adapter is None:
+        return kwargs, 0
+    return adapter.transform(unwrap(model), kwargs, generation)
+
+
+def model_logits(model: nn.Module, kwargs: dict) -> torch.Tensor:
+    """`model(**kwargs).logits` through the hook, virtual positions cut off: one logit row per real token."""
+    call, virtual = prepare_call(model, kwargs)
+    logits = model(**call).logits
+    return logits[:, virtual:] if virtual else logits
