@@ -9,13 +9,15 @@ from __future__ import annotations
 from qtrain.config.schema import PeftConfig
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.peft.bitfit import BitFit
+from qtrain.peft.diff_pruning import DiffPruning
 from qtrain.peft.dora import DoRA
+from qtrain.peft.freeze import Freeze
 from qtrain.peft.full import Full
 from qtrain.peft.ia3 import IA3
 from qtrain.peft.lora import LoRA
 from qtrain.peft.method import Method
 
-METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), DoRA(), IA3(), BitFit(), Full())}
+METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), DoRA(), IA3(), BitFit(), Freeze(), DiffPruning(), Full())}
 
 
 def get_method(name: str) -> Method:

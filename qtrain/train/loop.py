@@ -16,6 +16,7 @@ from qtrain.distributed import deepspeed as ds
 from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
 from qtrain.eval.perplexity import nll_sum
 from qtrain.models.arch import collate_start_id
+from qtrain.peft.registry import method_for
 from qtrain.train.checkpointing import save_checkpoint
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import PreemptFlag
@@ -88,6 +89,14 @@ def loss_sum_of(s: Session, batch: dict[str, torch.Tensor], model=None) -> torch
     return batch_loss_sum(logits, batch)
 
 
+def with_penalty(s: Session, objective: torch.Tensor) -> torch.Tensor:
+    """Add the method's regularizer (diff pruning's L0 penalty) once per optimizer step: in the last
+    micro-batch's backward, so DDP/DeepSpeed reduce it with the rest (each rank adds it; the average
+    over ranks is the penalty once, as in one process). The logged loss stays the LM loss."""
+    penalty = method_for(s.recipe.peft).penalty(s.model)
+    return objective if penalty is None else objective + penalty
+
+
 def _accumulating(s: Session, last: bool):
     """DDP's `no_sync` before the last micro-batch; DeepSpeed tracks the boundary itself."""
     if s.engine is not None:
@@ -112,14 +121,16 @@ def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False)
     scale = s.env.world_size / n_trained
     total = 0.0
     for i, batch in enumerate(batches):
-        with _accumulating(s, last=i == len(batches) - 1):
+        last = i == len(batches) - 1
+        with _accumulating(s, last=last):
             loss_sum = loss_sum_of(s, batch, s.forward_model)
             if poison:
                 loss_sum = loss_sum * math.nan
+            objective = with_penalty(s, loss_sum * scale) if last else loss_sum * scale
             if s.engine is not None:
-                ds.backward_and_step(s.engine, loss_sum * scale)
+                ds.backward_and_step(s.engine, objective)
             else:
-                (loss_sum * scale).backward()
+                objective.backward()
         total += float(loss_sum.detach())
     (total,) = ddp.all_reduce_sum([total], s.device)
     loss = total / n_trained

@@ -45,11 +45,12 @@ def _own_rng():
         yield
 
 
-def _model(base_dir, method: str | None = None, quant: bool = True):
-    opts = get_method(method or "lora").load_options(None, torch.float32, quant) if method else None
+def _model(base_dir, method: str | None = None, quant: bool = True, inject: bool = True):
+    """The tiny base loaded as `method` loads it (layer freezing: its blocks dense), with the method attached."""
+    opts = get_method(method).load_options(_cfg(method), torch.float32, quant) if method else None
     model = load_model(base_dir, torch.float32, CPU, NF4Spec(64, True) if quant else None,
                        dense=opts.dense if opts else None)
-    if method:
+    if method and inject:
         get_method(method).inject(model, _cfg(method))
     return model
 
@@ -75,7 +76,7 @@ def _nf4_bytes(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", SAME_SEQUENCE)
 def test_a_fresh_adapter_gives_the_base_logits_exactly(method, tiny_base_dir):
-    base = _logits(_model(tiny_base_dir))
+    base = _logits(_model(tiny_base_dir, method, inject=False))
     assert torch.equal(_logits(_model(tiny_base_dir, method)), base)
 
 
