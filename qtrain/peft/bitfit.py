@@ -47,7 +47,7 @@ class BitFit(Method):
     name = "bitfit"
     peft_type = "BEFT"
 
-    def inject(self, model: nn.Module, cfg: PeftConfig) -> list[str]:
+    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
         freeze(model)
         return wrap_targets(model, cfg.targets, default_targets(model), lambda _, base: BitFitLinear(base))
 

@@ -100,7 +100,7 @@ def sparse_delta(mod: DiffLinear, keep_fraction: float) -> tuple[torch.Tensor, t
 class DiffPruning(Method):
     name = "diff_pruning"
 
-    def inject(self, model: nn.Module, cfg: PeftConfig) -> list[str]:
+    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
         freeze(model)
         default = lambda: [p.rsplit(".", 1)[-1] for p in arch_spec(model, "peft.targets: auto")  # noqa: E731
                            .attention_projections]

@@ -54,7 +54,7 @@ class Freeze(Method):
     def load_options(self, cfg: PeftConfig, dtype: torch.dtype, quantize: bool) -> LoadOptions:
         return LoadOptions(dtype, quantize, dense=lambda skeleton: trained_blocks(skeleton, cfg))
 
-    def inject(self, model: nn.Module, cfg: PeftConfig) -> list[str]:
+    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
         freeze(model)
         blocks = trained_blocks(model, cfg)
         for block in blocks:

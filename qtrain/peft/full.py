@@ -29,7 +29,7 @@ class Full(Method):
     def load_options(self, cfg: PeftConfig, dtype: torch.dtype, quantize: bool) -> LoadOptions:
         return LoadOptions(torch.float32, False)
 
-    def inject(self, model: nn.Module, cfg: PeftConfig) -> list[str]:
+    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
         for p in model.parameters():
             p.requires_grad_(True)
         return []

@@ -66,7 +66,7 @@ class IA3(Method):
     name = "ia3"
     peft_type = "IA3"
 
-    def inject(self, model: nn.Module, cfg: PeftConfig) -> list[str]:
+    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
         freeze(model)
         ff = feedforward_targets(model, cfg)
         default = lambda: list(dict.fromkeys(_auto(model, lambda s: s.key_value + s.mlp_output)))  # noqa: E731

@@ -80,7 +80,7 @@ class LoRA(Method):
     label = "LoRA"
     layer_class: type = LoRALinear
 
-    def inject(self, model: nn.Module, cfg: PeftConfig) -> list[str]:
+    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
         freeze(model)
         return wrap_targets(model, cfg.targets, default_targets(model),
                             lambda _, base: self.layer_class(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))

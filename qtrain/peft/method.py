@@ -27,6 +27,7 @@ from qtrain.config.schema import PeftConfig
 from qtrain.errors import ConfigError
 from qtrain.models.arch import model_is_encoder_decoder
 from qtrain.peft import artifact
+from qtrain.peft.layer import prepare_recompute
 
 ADAPTER_DIR = "adapter"
 
@@ -89,9 +90,14 @@ class Method:
         """How to load the base: the recipe's dtype and quantization unless the method needs otherwise."""
         return LoadOptions(dtype, quantize)
 
-    def inject(self, model: nn.Module, cfg: PeftConfig) -> list[str]:
-        """Freeze the base, attach the method's trainable parts; returns the adapted module names."""
+    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
+        """Freeze the base, attach the method's trainable parts; returns the adapted module names.
+        `tokenizer` is for methods that initialise from text (prompt tuning's prompt_init: text)."""
         raise NotImplementedError
+
+    def enable_checkpointing(self, model: nn.Module, recompute: str) -> None:
+        """Called once gradient checkpointing is on: the recompute flags of the adapted linear layers."""
+        prepare_recompute(model, recompute)
 
     def describe(self, cfg: PeftConfig, names: list[str]) -> str:
         return f"{self.name} on {len(names)} modules"

@@ -16,8 +16,11 @@ from qtrain.peft.full import Full
 from qtrain.peft.ia3 import IA3
 from qtrain.peft.lora import LoRA
 from qtrain.peft.method import Method
+from qtrain.peft.prefix_tuning import PrefixTuning
+from qtrain.peft.prompt_tuning import PromptTuning
 
-METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), DoRA(), IA3(), BitFit(), Freeze(), DiffPruning(), Full())}
+METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), DoRA(), IA3(), PromptTuning(), PrefixTuning(), BitFit(), Freeze(),
+                                            DiffPruning(), Full())}
 
 
 def get_method(name: str) -> Method:

@@ -22,7 +22,6 @@ from qtrain.models.arch import is_encoder_decoder
 from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
 from qtrain.models.tokenizer import load_tokenizer
-from qtrain.peft.layer import prepare_recompute
 from qtrain.peft.recompute import checkpoint_kwargs
 from qtrain.peft.registry import method_for
 from qtrain.quant.nf4 import NF4Spec
@@ -93,7 +92,7 @@ def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Pat
     return base_dir
 
 
-def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[nn.Module, list[str]]:
+def build_model(recipe: Recipe, base_dir: Path, device: torch.device, tokenizer=None) -> tuple[nn.Module, list[str]]:
     """The streamed (4-bit) base with the recipe's method attached; only the method's parameters
     require grad. Returns the model and the names of the modules the method adapted."""
     method = method_for(recipe.peft)
@@ -101,11 +100,11 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device) -> tuple[n
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if opts.quantize else None
     model = load_model(base_dir, opts.dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code,
                        dense=opts.dense)
-    names = method.inject(model, recipe.peft)
+    names = method.inject(model, recipe.peft, tokenizer)
     model.config.use_cache = False
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(recipe.train.recompute))
-        prepare_recompute(model, recipe.train.recompute)
+        method.enable_checkpointing(model, recipe.train.recompute)
     return model, names
 
 
@@ -125,7 +124,7 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=is_encoder_decoder(recipe.model))
     base_dir = resolve_base_dir(recipe, tokenizer, env)
     torch.manual_seed(recipe.seed)  # LoRA A init
-    model, names = build_model(recipe, base_dir, device)
+    model, names = build_model(recipe, base_dir, device, tokenizer)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train, device)

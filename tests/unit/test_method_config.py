@@ -81,4 +81,4 @@ def test_sequence_methods_refuse_packed_batches():
     data["data"]["packing"] = True
     assert problems(data) == ["data.packing: prefix_tuning adds virtual tokens to every sequence, so it needs one "
                               "example per padded row; set data.packing: false"]
-    assert METHOD_RULES["prefix_tuning"].padded_batches and not METHODS["lora"].needs_padded_batches
+    assert METHODS["prefix_tuning"].needs_padded_batches and not METHODS["lora"].needs_padded_batches
