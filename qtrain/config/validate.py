@@ -39,7 +39,8 @@ def check_values(r: Recipe) -> list[str]:
     for name, lr in c.method_lr.items():
         if name not in METHOD_RULES:
             p.append(f"compare.method_lr.{name}: not a method (methods: {', '.join(METHOD_RULES)})")
-        _positive(p, f"compare.method_lr.{name}", lr)
+        elif isinstance(lr, float):  # (a value of the wrong type is already reported)
+            _positive(p, f"compare.method_lr.{name}", lr)
     if c.max_gen_rows is not None:
         _positive(p, "compare.max_gen_rows", c.max_gen_rows, allow_zero=True)
     _positive(p, "compare.max_new_tokens", c.max_new_tokens)

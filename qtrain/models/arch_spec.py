@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from qtrain.errors import ConfigError
@@ -105,3 +106,33 @@ def present_leaves(model: nn.Module, leaves: list[str], linear_types: tuple[type
     """`leaves` that name at least one linear layer of `model`, in order (T5 v1.1 has wi_0/wi_1, not wi)."""
     found = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear_types)}
     return [leaf for leaf in leaves if leaf in found]
+
+
+def declare_biases(model: nn.Module, gained: list[str]) -> None:
+    """Declare biases that merging gave bias-less linears (BitFit), or `from_pretrained` would drop them.
+
+    For each of the family's bias flags whose group of linears gained one, set the flag in the config
+    and give every linear of the group a bias (zeros where the adapter added none). A linear outside
+    every such group is refused: its family's config cannot declare a bias there.
+    """
+    if not gained:
+        return
+    model_type = getattr(model.config, "model_type", "")
+    spec = spec_for_type(model_type)
+    left = list(gained)
+    for flag, rel_paths in (spec.bias_flags.items() if spec else []):
+        group = [f"{path}.{i}.{rel}" for path, blocks in block_lists(model, spec)
+                 for i, block in enumerate(blocks) for rel in in_block(block, rel_paths)]
+        if not any(name in left for name in group):
+            continue
+        setattr(model.config, flag, True)
+        for name in group:
+            linear = model.get_submodule(name)
+            if linear.bias is None:
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                       device=linear.weight.device), requires_grad=False)
+        left = [n for n in left if n not in group]
+    if left:
+        raise ConfigError(f"merge: {left[0]} would need a bias (a BitFit adapter), but a {model_type} model's config "
+                          "cannot declare one there, so the saved model would lose it; serve the adapter with "
+                          "qtrain generate instead")

@@ -17,9 +17,12 @@ from torch import nn
 
 from qtrain.config.schema import PeftConfig
 from qtrain.peft.artifact import PREFIX
-from qtrain.peft.layer import AdaptedLinear, compute_dtype, freeze, module_device, wrap_targets
-from qtrain.peft.lora import default_targets, recorded_targets
-from qtrain.peft.method import Method, task_type_of
+from qtrain.peft.layer import AdaptedLinear, compute_dtype, module_device
+from qtrain.peft.linear_method import LinearMethod
+from qtrain.peft.lora import recorded_targets
+from qtrain.peft.method import task_type_of
+from qtrain.peft.multi_linear import LinearEntry
+from qtrain.quant.linear import kernel_kwargs
 from qtrain_kernels.adapted_linear import adapted_linear
 from qtrain_kernels.lora_linear import lora_linear
 
@@ -39,27 +42,41 @@ class BitFitLinear(AdaptedLinear):
                              self.save_weight_for_backward, bias_delta=self.beft_bias.view(-1), **kw)
 
 
-def bitfit_modules(model: nn.Module) -> dict[str, BitFitLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, BitFitLinear)}
+class BitFitWeights(LinearEntry):
+    kind = "bitfit"
+
+    def __init__(self, layer: BitFitLinear) -> None:
+        super().__init__()
+        self.register_buffer("beta", layer.beft_bias.detach().float().reshape(-1).clone())
+
+    def single(self, layer, x, bias):
+        return adapted_linear(x, layer._weight_fn, bias, bias_delta=self.beta, **kernel_kwargs(layer.base_layer))
+
+    def merged(self, w, b):
+        beta = self.beta.to(w.device)
+        return w, beta.clone() if b is None else b + beta
 
 
-class BitFit(Method):
+class BitFit(LinearMethod):
     name = "bitfit"
     peft_type = "BEFT"
+    layer_type = BitFitLinear
 
-    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
-        freeze(model)
-        return wrap_targets(model, cfg.targets, default_targets(model), lambda _, base: BitFitLinear(base))
+    def make_layer(self, name: str, base: nn.Module, cfg: PeftConfig, context) -> BitFitLinear:
+        return BitFitLinear(base)
+
+    def entry(self, layer: BitFitLinear) -> BitFitWeights:
+        return BitFitWeights(layer)
 
     def describe(self, cfg: PeftConfig, names: list[str]) -> str:
         return f"BitFit (bias terms) on {len(names)} layers"
 
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {f"{PREFIX}{name}.beft_bias": mod.beft_bias for name, mod in bitfit_modules(model).items()}
+        return {f"{PREFIX}{name}.beft_bias": mod.beft_bias for name, mod in self.layers(model).items()}
 
     def artifact_config(self, model: nn.Module, cfg: PeftConfig, base_model: str) -> dict:
         return {"peft_type": "BEFT", "task_type": task_type_of(model), "base_model_name_or_path": base_model,
-                "target_modules": recorded_targets(cfg, list(bitfit_modules(model))), "init_weights": True,
+                "target_modules": recorded_targets(cfg, list(self.layers(model))), "init_weights": True,
                 "inference_mode": True, "modules_to_save": None}
 
     def config_from_artifact(self, config: dict) -> PeftConfig:

@@ -37,9 +37,12 @@ from qtrain.errors import CheckpointError
 from qtrain.models.arch_spec import arch_spec
 from qtrain.peft import artifact
 from qtrain.peft.artifact import PREFIX
-from qtrain.peft.layer import AdaptedLinear, compute_dtype, freeze, module_device, wrap_targets
+from qtrain.peft.layer import AdaptedLinear, compute_dtype, module_device
+from qtrain.peft.linear_method import LinearMethod
 from qtrain.peft.lora import recorded_targets
-from qtrain.peft.method import ArtifactContext, Method, task_type_of
+from qtrain.peft.method import ArtifactContext, task_type_of
+from qtrain.peft.multi_linear import LinearEntry
+from qtrain.quant.linear import kernel_kwargs
 from qtrain_kernels.lora_linear import lora_linear
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1  # hard-concrete temperature and stretch (Louizos et al.)
@@ -88,6 +91,24 @@ def diff_modules(model: nn.Module) -> dict[str, DiffLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, DiffLinear)}
 
 
+class DiffWeights(LinearEntry):
+    """The delta z ⊙ δ of one layer, dense (a loaded sparse delta is scattered once)."""
+
+    kind = "diff_pruning"
+
+    def __init__(self, layer: DiffLinear) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.register_buffer("delta", (gate(layer.log_alpha, False) * layer.delta).detach().float().clone())
+
+    def single(self, layer, x, bias):
+        y = lora_linear(x, layer._weight_fn, bias, **kernel_kwargs(layer.base_layer))
+        return y + F.linear(x, self.delta.to(x.dtype))
+
+    def merged(self, w, b):
+        return w + self.delta.to(w.device), b
+
+
 def sparse_delta(mod: DiffLinear, keep_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat indices, values) of the largest |z ⊙ δ| entries (eval gate), at most keep_fraction of the weight."""
     with torch.no_grad():
@@ -97,15 +118,18 @@ def sparse_delta(mod: DiffLinear, keep_fraction: float) -> tuple[torch.Tensor, t
         return idx.to("cpu", torch.int64), v[idx].to("cpu", torch.float32)
 
 
-class DiffPruning(Method):
+class DiffPruning(LinearMethod):
     name = "diff_pruning"
+    layer_type = DiffLinear
 
-    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
-        freeze(model)
-        default = lambda: [p.rsplit(".", 1)[-1] for p in arch_spec(model, "peft.targets: auto")  # noqa: E731
-                           .attention_projections]
-        density = 1.0 - cfg.target_sparsity
-        return wrap_targets(model, cfg.targets, default, lambda _, base: DiffLinear(base, cfg.l0_weight, density))
+    def default_targets(self, model: nn.Module):
+        return lambda: [p.rsplit(".", 1)[-1] for p in arch_spec(model, "peft.targets: auto").attention_projections]
+
+    def make_layer(self, name: str, base: nn.Module, cfg: PeftConfig, context) -> DiffLinear:
+        return DiffLinear(base, cfg.l0_weight, 1.0 - cfg.target_sparsity)
+
+    def entry(self, layer: DiffLinear) -> DiffWeights:
+        return DiffWeights(layer)
 
     def describe(self, cfg: PeftConfig, names: list[str]) -> str:
         return f"diff pruning on {len(names)} layers (target sparsity {cfg.target_sparsity:g})"

@@ -15,7 +15,9 @@ from torch import nn
 
 from qtrain.peft.artifact import PREFIX
 from qtrain.peft.layer import compute_dtype
-from qtrain.peft.lora import LoRA, LoRALinear, lora_modules
+from qtrain.peft.lora import LoRA, LoRALinear
+from qtrain.peft.multi_linear import LoRAWeights
+from qtrain.quant.linear import kernel_kwargs
 from qtrain_kernels.adapted_linear import adapted_linear
 from qtrain_kernels.lora_linear import lora_linear
 
@@ -40,14 +42,37 @@ class DoRALinear(LoRALinear):
                              dora=True, w_sq=self.w_sq, **kw)
 
 
+class DoRAWeights(LoRAWeights):
+    """LoRA's tensors plus the magnitude and the base's cached ‖W_row‖²."""
+
+    kind = "dora"
+
+    def __init__(self, layer: DoRALinear) -> None:
+        super().__init__(layer.lora_A.weight, layer.lora_B.weight, layer.scale)
+        self.register_buffer("magnitude", layer.lora_magnitude_vector.detach().float().clone())
+        self.register_buffer("w_sq", layer.w_sq.detach().clone())
+
+    def single(self, layer, x, bias):
+        a, b = self.cast(x.dtype)
+        return adapted_linear(x, layer._weight_fn, bias, a, b, self.scale, out_scale=self.magnitude, dora=True,
+                              w_sq=self.w_sq, **kernel_kwargs(layer.base_layer))
+
+    def merged(self, w, b):
+        v = w + self.delta().to(w.device)
+        return self.magnitude.to(w.device)[:, None] * v / v.norm(dim=1, keepdim=True), b
+
+
 class DoRA(LoRA):
     name = "dora"
     label = "DoRA"
-    layer_class = DoRALinear
+    layer_type = DoRALinear
+
+    def entry(self, layer: DoRALinear) -> DoRAWeights:
+        return DoRAWeights(layer)
 
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out = super().state(model)
-        for name, mod in lora_modules(model).items():
+        for name, mod in self.layers(model).items():
             out[f"{PREFIX}{name}.lora_magnitude_vector"] = mod.lora_magnitude_vector
         return out
 

@@ -14,14 +14,21 @@ base with those blocks replaced: a full HF model dir.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from qtrain.config.schema import PeftConfig
 from qtrain.errors import ConfigError
 from qtrain.models.arch_spec import arch_spec, block_lists
-from qtrain.peft.layer import freeze
+from qtrain.errors import CheckpointError
+from qtrain.peft import artifact
+from qtrain.peft.holder import AdapterHolder, strip_holders
+from qtrain.peft.layer import AdaptedLinear, freeze, module_device
 from qtrain.peft.method import LoadOptions, Method, task_type_of
+from qtrain.peft.multi_linear import MultiAdapterLinear
+from qtrain.quant.linear import NF4Linear, dense_weight_fn
 
 
 def block_range(model: nn.Module, cfg: PeftConfig) -> tuple[str, int, int]:
@@ -80,6 +87,28 @@ class Freeze(Method):
         start, end = config["layer_range"]
         return PeftConfig(method=self.name, layer_range=[int(start), int(end)])
 
+    def attach(self, model: nn.Module, name: str, cfg: PeftConfig, tensors: dict[str, torch.Tensor],
+               source: str) -> None:
+        """Load the saved blocks into dense copies of the model's, in its dtype, and swap them in when current."""
+        path, start, end = block_range(model, cfg)
+        blocks: nn.ModuleList = model.get_submodule(path)
+        holder = getattr(model, HOLDER, None)
+        if holder is None:
+            holder = FreezeBlocks(blocks)
+            model.add_module(HOLDER, holder)
+        dtype = model.get_input_embeddings().weight.dtype
+        built = {i: dense_copy(holder.originals[str(i)] if str(i) in holder.originals else blocks[i])
+                 for i in range(start, end)}
+        params = {f"{path}.{i}.{n}": p for i, b in built.items() for n, p in b.named_parameters()}
+        try:
+            artifact.load_named(params, tensors, what="trained block parameter")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+        holder.add(name, {i: b.to(dtype).requires_grad_(False) for i, b in built.items()})
+
+
+HOLDER = "freeze_blocks"
+
 
 def trained_blocks_of(model: nn.Module) -> list[str]:
     """The blocks whose parameters train (what `inject` made trainable), from the model itself."""
@@ -88,3 +117,75 @@ def trained_blocks_of(model: nn.Module) -> list[str]:
     for path, blocks in block_lists(model, spec):
         out += [f"{path}.{i}" for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())]
     return out
+
+
+def dense_copy(block: nn.Module) -> nn.Module:
+    """A copy of `block` whose linears (NF4, adapter holders or training layers) are plain fp32 nn.Linears
+    holding the frozen base weights: the skeleton a saved layer-freezing adapter is loaded into."""
+    block = copy.deepcopy(block)
+    strip_holders(block, keep=(MultiAdapterLinear,))  # other adapters' parallel holders, with their hooks
+    replaced: list[str] = []
+    for name, mod in list(block.named_modules()):
+        if not name or any(name.startswith(r + ".") for r in replaced):
+            continue
+        if isinstance(mod, (NF4Linear, AdaptedLinear, MultiAdapterLinear)):
+            base = getattr(mod, "base_layer", mod)
+            bias = getattr(base, "bias", None)
+            dense = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=module_device(base))
+            with torch.no_grad():
+                dense.weight.copy_(dense_weight_fn(base)(torch.float32))
+                if bias is not None:
+                    dense.bias.copy_(bias.float())
+            block.set_submodule(name, dense)
+            replaced.append(name)
+    return block
+
+
+class FreezeBlocks(nn.Module, AdapterHolder):
+    """Saved layer-freezing adapters of an inference model: per adapter, replacement blocks for one block
+    list; whichever adapter is current has its blocks swapped into the model (the base's are kept here)."""
+
+    kind = "layer-freezing"
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.originals = nn.ModuleDict()
+        self.active, self.enabled, self.merged = None, True, None
+        self.__dict__["blocks"] = blocks  # the model's own list (registered there, not here)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters)
+
+    def add(self, name: str, replacements: dict[int, nn.Module]) -> None:
+        for i in replacements:
+            if str(i) not in self.originals:
+                self.originals[str(i)] = self.blocks[i]
+        self.adapters[name] = nn.ModuleDict({str(i): b for i, b in replacements.items()})
+        self._swap()
+
+    def remove(self, name: str) -> None:
+        if name in self.adapters:
+            del self.adapters[name]
+        self._swap()
+
+    def set_active(self, name) -> None:
+        self.active = name
+        self._swap()
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._swap()
+
+    def set_route(self, rows, method: str = "auto") -> None:
+        AdapterHolder.set_route(self, rows, method)
+        self._swap()
+
+    def merge(self, name: str) -> None:
+        self.merged = name  # the adapter's blocks are the merged weights, already in place
+
+    def _swap(self) -> None:
+        current = self.current()
+        chosen = self.adapters[current] if current in self.adapters else {}
+        for i, original in self.originals.items():
+            self.blocks[int(i)] = chosen[i] if i in chosen else original

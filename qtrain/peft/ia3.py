@@ -18,9 +18,11 @@ from torch import nn
 from qtrain.config.schema import PeftConfig
 from qtrain.models.arch_spec import arch_spec, present_leaves
 from qtrain.peft.artifact import PREFIX
-from qtrain.peft.layer import (LINEAR_TYPES, AdaptedLinear, compute_dtype, freeze, module_device, resolved_leaves,
-                               wrap_targets)
-from qtrain.peft.method import Method, task_type_of
+from qtrain.peft.layer import LINEAR_TYPES, AdaptedLinear, compute_dtype, module_device, resolved_leaves
+from qtrain.peft.linear_method import LinearMethod
+from qtrain.peft.method import task_type_of
+from qtrain.peft.multi_linear import LinearEntry
+from qtrain.quant.linear import kernel_kwargs
 from qtrain.peft.targets import matches
 from qtrain_kernels.adapted_linear import adapted_linear
 from qtrain_kernels.lora_linear import lora_linear
@@ -47,8 +49,23 @@ class IA3Linear(AdaptedLinear):
         return f"scales={'input' if self.feedforward else 'output'}"
 
 
-def ia3_modules(model: nn.Module) -> dict[str, IA3Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
+class IA3Weights(LinearEntry):
+    kind = "ia3"
+
+    def __init__(self, layer: IA3Linear) -> None:
+        super().__init__()
+        self.feedforward = layer.feedforward
+        self.register_buffer("vec", layer.ia3_l.detach().float().reshape(-1).clone())
+
+    def single(self, layer, x, bias):
+        kw = {"in_scale" if self.feedforward else "out_scale": self.vec}
+        return adapted_linear(x, layer._weight_fn, bias, **kw, **kernel_kwargs(layer.base_layer))
+
+    def merged(self, w, b):
+        vec = self.vec.to(w.device)
+        if self.feedforward:
+            return w * vec[None, :], b
+        return w * vec[:, None], None if b is None else b * vec
 
 
 def _auto(model: nn.Module, paths) -> list[str]:
@@ -62,24 +79,31 @@ def feedforward_targets(model: nn.Module, cfg: PeftConfig):
     return cfg.feedforward_targets
 
 
-class IA3(Method):
+class IA3(LinearMethod):
     name = "ia3"
     peft_type = "IA3"
+    layer_type = IA3Linear
 
-    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
-        freeze(model)
-        ff = feedforward_targets(model, cfg)
-        default = lambda: list(dict.fromkeys(_auto(model, lambda s: s.key_value + s.mlp_output)))  # noqa: E731
-        return wrap_targets(model, cfg.targets, default, lambda name, base: IA3Linear(base, matches(name, ff)))
+    def default_targets(self, model: nn.Module):
+        return lambda: list(dict.fromkeys(_auto(model, lambda s: s.key_value + s.mlp_output)))
+
+    def context(self, model: nn.Module, cfg: PeftConfig):
+        return feedforward_targets(model, cfg)
+
+    def make_layer(self, name: str, base: nn.Module, cfg: PeftConfig, context) -> IA3Linear:
+        return IA3Linear(base, matches(name, context))
+
+    def entry(self, layer: IA3Linear) -> IA3Weights:
+        return IA3Weights(layer)
 
     def describe(self, cfg: PeftConfig, names: list[str]) -> str:
         return f"(IA)³ on {len(names)} layers"
 
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {f"{PREFIX}{name}.ia3_l": mod.ia3_l for name, mod in ia3_modules(model).items()}
+        return {f"{PREFIX}{name}.ia3_l": mod.ia3_l for name, mod in self.layers(model).items()}
 
     def artifact_config(self, model: nn.Module, cfg: PeftConfig, base_model: str) -> dict:
-        mods = ia3_modules(model)
+        mods = self.layers(model)
         keyword = cfg.targets in ("auto", "all-linear")
         ff = [n for n, m in mods.items() if m.feedforward]
         return {"peft_type": "IA3", "task_type": task_type_of(model), "base_model_name_or_path": base_model,

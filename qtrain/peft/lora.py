@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from qtrain.config.schema import PeftConfig
-from qtrain.models.arch_spec import arch_spec
 from qtrain.peft.artifact import PREFIX
-from qtrain.peft.layer import AdaptedLinear, compute_dtype, freeze, module_device, resolved_leaves, wrap_targets
-from qtrain.peft.method import Method, task_type_of
+from qtrain.peft.layer import AdaptedLinear, compute_dtype, module_device, resolved_leaves
+from qtrain.peft.linear_method import LinearMethod
+from qtrain.peft.method import task_type_of
+from qtrain.peft.multi_linear import LoRAWeights
 from qtrain_kernels.lora_linear import lora_linear
 
 
@@ -55,11 +56,6 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def default_targets(model: nn.Module):
-    """Every attention and FFN projection of the model's architecture (peft.targets: auto)."""
-    return lambda: arch_spec(model, "peft.targets: auto").default_targets()
-
-
 def recorded_targets(cfg: PeftConfig, names: list[str]):
     """What adapter_config.json lists: the recipe's targets, or for auto / all-linear what they resolved to."""
     return resolved_leaves(names) if cfg.targets in ("auto", "all-linear") else cfg.targets
@@ -74,29 +70,30 @@ def lora_config(cfg: PeftConfig, base_model: str, task_type: str, targets) -> di
     }
 
 
-class LoRA(Method):
+class LoRA(LinearMethod):
     name = "lora"
     peft_type = "LORA"
     label = "LoRA"
-    layer_class: type = LoRALinear
+    layer_type: type = LoRALinear
 
-    def inject(self, model: nn.Module, cfg: PeftConfig, tokenizer=None) -> list[str]:
-        freeze(model)
-        return wrap_targets(model, cfg.targets, default_targets(model),
-                            lambda _, base: self.layer_class(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
+    def make_layer(self, name: str, base: nn.Module, cfg: PeftConfig, context) -> LoRALinear:
+        return self.layer_type(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora)
+
+    def entry(self, layer: LoRALinear) -> LoRAWeights:
+        return LoRAWeights(layer.lora_A.weight, layer.lora_B.weight, layer.scale)
 
     def describe(self, cfg: PeftConfig, names: list[str]) -> str:
         return f"{self.label} r={cfg.r} on {len(names)} layers"
 
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out = {}
-        for name, mod in lora_modules(model).items():
+        for name, mod in self.layers(model).items():
             out[f"{PREFIX}{name}.lora_A.weight"] = mod.lora_A.weight
             out[f"{PREFIX}{name}.lora_B.weight"] = mod.lora_B.weight
         return out
 
     def artifact_config(self, model: nn.Module, cfg: PeftConfig, base_model: str) -> dict:
-        targets = recorded_targets(cfg, list(lora_modules(model)))
+        targets = recorded_targets(cfg, list(self.layers(model)))
         return lora_config(cfg, base_model, task_type_of(model), targets)
 
     def config_from_artifact(self, config: dict) -> PeftConfig:

@@ -24,7 +24,7 @@ from torch import nn
 
 from qtrain.config.methods import METHOD_RULES, MethodRules
 from qtrain.config.schema import PeftConfig
-from qtrain.errors import ConfigError
+from qtrain.errors import CheckpointError, ConfigError
 from qtrain.models.arch import model_is_encoder_decoder
 from qtrain.peft import artifact
 from qtrain.peft.layer import prepare_recompute
@@ -149,6 +149,11 @@ class Method:
     def config_from_artifact(self, config: dict) -> PeftConfig:
         """The recipe settings an adapter_config.json records (KeyError/TypeError/ValueError if malformed)."""
         raise NotImplementedError
+
+    def attach(self, model: nn.Module, name: str, cfg: PeftConfig, tensors: dict[str, torch.Tensor],
+               source: str) -> None:
+        """Add a saved adapter to an inference model's holders as `name` (checked strictly; see holder.py)."""
+        raise CheckpointError(f"{source}: a {self.name} run leaves a model, not an adapter; load it as the base")
 
     def refuse(self, reason: str) -> ConfigError:
         return ConfigError(f"peft.method: {self.name}: {reason}")

@@ -31,11 +31,12 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from qtrain.config.schema import PeftConfig
+from qtrain.errors import CheckpointError
 from qtrain.models.arch import model_is_encoder_decoder
 from qtrain.peft import artifact
 from qtrain.peft.layer import freeze, prepare_recompute
 from qtrain.peft.method import ArtifactContext, Method, task_type_of
-from qtrain.peft.sequence import SequenceAdapter, attach, sequence_adapter, unwrap
+from qtrain.peft.sequence import SequenceAdapter, attach, sequence_adapter, sequence_holder, unwrap
 
 KEY = "prompt_embeddings"
 STATE_FILE = "prefix_state.safetensors"
@@ -189,3 +190,17 @@ class PrefixTuning(Method):
     def config_from_artifact(self, config: dict) -> PeftConfig:
         return PeftConfig(method=self.name, num_virtual_tokens=int(config["num_virtual_tokens"]),
                           prefix_projection=False)
+
+    def attach(self, model: nn.Module, name: str, cfg: PeftConfig, tensors: dict[str, torch.Tensor],
+               source: str) -> None:
+        if model_is_encoder_decoder(model):
+            raise CheckpointError(f"{source}: a prefix-tuning adapter, which qtrain runs on decoder-only models only")
+        shape = kv_shape(model)
+        device = model.get_input_embeddings().weight.device
+        encoder = PrefixEncoder(shape, torch.zeros(cfg.num_virtual_tokens, shape[0] * 2 * shape[1] * shape[2],
+                                                   device=device), None)
+        try:
+            artifact.load_named({KEY: encoder.embedding}, tensors, what="prefix")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+        sequence_holder(model).adapters[name] = encoder.requires_grad_(False)

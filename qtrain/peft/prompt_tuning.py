@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from qtrain.config.schema import PeftConfig
-from qtrain.errors import ConfigError
+from qtrain.errors import CheckpointError, ConfigError
 from qtrain.models.arch import model_is_encoder_decoder
+from qtrain.peft import artifact
 from qtrain.peft.layer import freeze
 from qtrain.peft.method import Method, task_type_of
-from qtrain.peft.sequence import SequenceAdapter, attach, sequence_adapter
+from qtrain.peft.sequence import SequenceAdapter, attach, sequence_adapter, sequence_holder
 
 KEY = "prompt_embeddings"
 
@@ -60,6 +61,24 @@ class PromptEncoder(SequenceAdapter):
         prompts = self.prompt_embeddings.unsqueeze(0).expand(batch, -1, -1)
         mask = torch.ones(prompts.shape[:2], dtype=torch.long, device=prompts.device)
         return embed_with_prompts(model, kwargs, prompts, mask)
+
+    @staticmethod
+    def transform_rows(model: nn.Module, kwargs: dict, per_row: list, generation: bool) -> tuple[dict, int]:
+        """Each row its own prompt (None: none), in one forward. Shorter prompts are left-padded with masked
+        slots, so every row's prompt sits right before its tokens; a decoder-only call without generation's
+        own position ids gets positions that count unmasked slots only, as the row alone would have."""
+        k = max(e.prompt_embeddings.shape[0] for e in per_row if e is not None)
+        ref = next(e for e in per_row if e is not None).prompt_embeddings
+        prompts = ref.new_zeros(len(per_row), k, ref.shape[1])
+        mask = torch.zeros(len(per_row), k, dtype=torch.long, device=ref.device)
+        for row, enc in enumerate(per_row):
+            if enc is not None:
+                n = enc.prompt_embeddings.shape[0]
+                prompts[row, k - n:], mask[row, k - n:] = enc.prompt_embeddings, 1
+        kw, virtual = embed_with_prompts(model, kwargs, prompts, mask)
+        if not generation and virtual and "position_ids" not in kw:
+            kw["position_ids"] = (kw["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return kw, virtual
 
 
 def initial_prompt(model: nn.Module, cfg: PeftConfig, tokenizer) -> torch.Tensor:
@@ -119,3 +138,14 @@ class PromptTuning(Method):
 
     def config_from_artifact(self, config: dict) -> PeftConfig:
         return PeftConfig(method=self.name, num_virtual_tokens=int(config["num_virtual_tokens"]), prompt_init="random")
+
+    def attach(self, model: nn.Module, name: str, cfg: PeftConfig, tensors: dict[str, torch.Tensor],
+               source: str) -> None:
+        hidden = model.get_input_embeddings().weight.shape[1]
+        encoder = PromptEncoder(torch.zeros(cfg.num_virtual_tokens, hidden,
+                                            device=model.get_input_embeddings().weight.device))
+        try:
+            artifact.load_named({KEY: encoder.prompt_embeddings}, tensors, what="prompt")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+        sequence_holder(model).adapters[name] = encoder.requires_grad_(False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from qtrain.config.schema import PeftConfig
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.peft.bitfit import BitFit
+from qtrain.peft.bottleneck import BottleneckAdapters
+from qtrain.peft.compacter import Compacter
 from qtrain.peft.diff_pruning import DiffPruning
 from qtrain.peft.dora import DoRA
 from qtrain.peft.freeze import Freeze
@@ -19,7 +21,8 @@ from qtrain.peft.method import Method
 from qtrain.peft.prefix_tuning import PrefixTuning
 from qtrain.peft.prompt_tuning import PromptTuning
 
-METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), DoRA(), IA3(), PromptTuning(), PrefixTuning(), BitFit(), Freeze(),
+METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), DoRA(), IA3(), PromptTuning(), PrefixTuning(),
+                                            BottleneckAdapters(), Compacter(), BitFit(), Freeze(),
                                             DiffPruning(), Full())}
 
 

@@ -21,6 +21,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from qtrain.errors import ConfigError
+from qtrain.peft.holder import AdapterHolder
+
 ATTR = "sequence_adapter"
 
 
@@ -29,6 +32,60 @@ class SequenceAdapter(nn.Module):
 
     def transform(self, model: nn.Module, kwargs: dict, generation: bool) -> tuple[dict, int]:
         raise NotImplementedError
+
+
+class SequenceAdapters(SequenceAdapter, AdapterHolder):
+    """Named prompt/prefix adapters of an inference model (an AdapterSet's), one active or one per row.
+
+    A per-row route needs the adapters' class to implement `transform_rows(model, kwargs, per_row,
+    generation)` (prompt tuning does; prefix tuning's per-layer caches are one per batch)."""
+
+    kind = "prefix tuning"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.active: Optional[str] = None
+        self.enabled = True
+        self._rows: Optional[list[Optional[str]]] = None
+
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters)
+
+    def remove(self, name: str) -> None:
+        if name in self.adapters:
+            del self.adapters[name]
+
+    def set_route(self, rows, method: str = "auto") -> None:
+        mine = [r if r in self.adapters else None for r in rows] if rows is not None else None
+        self._rows = None
+        if mine is not None and len(set(mine)) > 1:
+            kinds = {type(self.adapters[r]) for r in mine if r is not None}
+            if len(kinds) == 1 and hasattr(next(iter(kinds)), "transform_rows"):
+                self._routed, self._route_single, self._rows = True, None, mine
+                return
+        AdapterHolder.set_route(self, mine, method)
+
+    def transform(self, model: nn.Module, kwargs: dict, generation: bool) -> tuple[dict, int]:
+        if self._rows is not None and self.enabled:
+            per_row = [self.adapters[r] if r is not None else None for r in self._rows]
+            kind = type(next(a for a in per_row if a is not None))
+            return kind.transform_rows(model, kwargs, per_row, generation)
+        name = self.current()
+        if name is None or name not in self.adapters:
+            return kwargs, 0
+        return self.adapters[name].transform(model, kwargs, generation)
+
+
+def sequence_holder(model: nn.Module) -> SequenceAdapters:
+    """The model's SequenceAdapters (created on first use); refused over a training adapter."""
+    current = getattr(model, ATTR, None)
+    if current is None:
+        attach(model, SequenceAdapters())
+    elif not isinstance(current, SequenceAdapters):
+        raise ConfigError("this model has a prompt/prefix adapter attached for training; load saved adapters "
+                          "onto a model without one")
+    return getattr(model, ATTR)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
