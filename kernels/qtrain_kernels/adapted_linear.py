@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from qtrain_kernels.dispatch import NF4Buffers
-from qtrain_kernels.lora_linear import WeightFn, _fused, _fused_forward, dense_forward
+from qtrain_kernels.lora_linear import WeightFn, _fused, _fused_forward, dense_forward, dropped
 
 
 def _base_forward(x2: torch.Tensor, weight_fn: WeightFn, bias, nf4, fused: bool):
@@ -84,10 +84,7 @@ class AdaptedLinearFunction(torch.autograd.Function):
         mask = xd = xa = a = b = z = g = norm = None
         if dora:
             a, b = lora_a.to(dtype), lora_b.to(dtype)
-            xd = x2
-            if dropout_p > 0.0:
-                mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-                xd = x2 * mask / (1.0 - dropout_p)
+            xd, mask = dropped(x2, dropout_p)
             xa = xd @ a.t()
             with torch.no_grad():
                 norm = dora_norm(_w_times_at(a, weight_fn, nf4, w, fused), lora_a, lora_b, scale, w_sq)

@@ -68,7 +68,7 @@ def check_peft(r: Recipe) -> list[str]:
     p: list[str] = []
     method = r.peft.method
     rules = METHOD_RULES[method]
-    for key in sorted(r.peft.explicit_keys - {"method"} - rules.keys):
+    for key in sorted(r.peft.explicit_keys - {"method"} - rules.keys - compared_keys(r)):
         readers = ", ".join(readers_of(key)) or "no method"
         p.append(f"peft.{key} does not apply to {method}; remove it (read by: {readers})")
     _check_ranges(p, r)
@@ -83,6 +83,15 @@ def check_peft(r: Recipe) -> list[str]:
         p.append(f"data.packing: {method} adds virtual tokens to every sequence, so it needs one example per "
                  "padded row; set data.packing: false")
     return p
+
+
+def compared_keys(r: Recipe) -> frozenset:
+    """Keys read by the methods a recipe's own `compare.variants` names: such a recipe configures them all
+    (`qtrain compare` gives each variant only its method's keys)."""
+    if "variants" not in r.compare.explicit_keys:
+        return frozenset()
+    methods = {split_variant(v)[0] for v in r.compare.variants}
+    return frozenset().union(*(METHOD_RULES[m].keys for m in methods if m in METHOD_RULES))
 
 
 def split_variant(variant: str) -> tuple[str, str | None]:

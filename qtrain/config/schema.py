@@ -173,6 +173,9 @@ class CompareConfig:
     max_gen_rows: Optional[int] = 100
     max_new_tokens: int = 64
 
+    # The keys the recipe set explicitly (a recipe naming variants configures those methods too).
+    explicit_keys: ClassVar[frozenset] = frozenset()
+
 
 @dataclass
 class Recipe:

@@ -109,13 +109,6 @@ class ParallelAdapters(nn.Module, AdapterHolder):
         self.active: Optional[str] = None
         self.enabled = True
 
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters)
-
-    def remove(self, name: str) -> None:
-        if name in self.adapters:
-            del self.adapters[name]
-
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         name = self.current()
         if name is None or name not in self.adapters:

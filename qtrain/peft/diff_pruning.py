@@ -25,11 +25,9 @@ log_alpha) so that resume is exact. Merging adds the delta to W (exact) and is a
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from qtrain.config.schema import PeftConfig
@@ -40,7 +38,7 @@ from qtrain.peft.artifact import PREFIX
 from qtrain.peft.layer import AdaptedLinear, compute_dtype, module_device
 from qtrain.peft.linear_method import LinearMethod
 from qtrain.peft.lora import recorded_targets
-from qtrain.peft.method import ArtifactContext, task_type_of
+from qtrain.peft.method import task_type_of
 from qtrain.peft.multi_linear import LinearEntry
 from qtrain.quant.linear import kernel_kwargs
 from qtrain_kernels.lora_linear import lora_linear
@@ -48,7 +46,6 @@ from qtrain_kernels.lora_linear import lora_linear
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1  # hard-concrete temperature and stretch (Louizos et al.)
 LOG_ALPHA_INIT = 3.0  # deterministic gate 1 (sigmoid(3)·1.2 − 0.1 > 1): every entry starts open
 OPEN = 10.0  # log_alpha of a loaded delta: its gate is exactly 1
-STATE_FILE = "diff_state.safetensors"
 
 
 def gate(log_alpha: torch.Tensor, training: bool) -> torch.Tensor:
@@ -121,6 +118,7 @@ def sparse_delta(mod: DiffLinear, keep_fraction: float) -> tuple[torch.Tensor, t
 class DiffPruning(LinearMethod):
     name = "diff_pruning"
     layer_type = DiffLinear
+    state_file = "diff_state.safetensors"
 
     def default_targets(self, model: nn.Module):
         return lambda: [p.rsplit(".", 1)[-1] for p in arch_spec(model, "peft.targets: auto").attention_projections]
@@ -184,16 +182,6 @@ class DiffPruning(LinearMethod):
         if extra:
             raise CheckpointError(f"adapter tensor {extra[0]} matches no diff-pruned layer of this model")
         artifact.load_named(self.state(model), dense)
-
-    def checkpoint_files(self) -> list[str]:
-        return super().checkpoint_files() + [STATE_FILE]
-
-    def save_checkpoint(self, model: nn.Module, ctx: ArtifactContext, ckpt_dir: Path) -> None:
-        super().save_checkpoint(model, ctx, ckpt_dir)
-        save_file(artifact.to_cpu(self.state(model)), str(ckpt_dir / STATE_FILE))
-
-    def load_checkpoint(self, model: nn.Module, ckpt_dir: Path) -> None:
-        artifact.load_named(self.state(model), artifact.read_tensors(ckpt_dir / STATE_FILE))
 
     def config_from_artifact(self, config: dict) -> PeftConfig:
         return PeftConfig(method=self.name, targets=config["target_modules"],

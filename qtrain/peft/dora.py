@@ -14,12 +14,10 @@ import torch
 from torch import nn
 
 from qtrain.peft.artifact import PREFIX
-from qtrain.peft.layer import compute_dtype
 from qtrain.peft.lora import LoRA, LoRALinear
 from qtrain.peft.multi_linear import LoRAWeights
 from qtrain.quant.linear import kernel_kwargs
 from qtrain_kernels.adapted_linear import adapted_linear
-from qtrain_kernels.lora_linear import lora_linear
 
 
 class DoRALinear(LoRALinear):
@@ -31,15 +29,8 @@ class DoRALinear(LoRALinear):
         self.register_buffer("w_sq", w_sq, persistent=False)
         self.lora_magnitude_vector = nn.Parameter(w_sq.sqrt())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(compute_dtype(x))
-        bias, kw = self.base_bias, self.kernel_kwargs()
-        if not self.adapter_enabled:
-            return lora_linear(x, self._weight_fn, bias, **kw)
-        p = self.dropout if self.training else 0.0
-        return self.dispatch(adapted_linear, x, self._weight_fn, bias, self.lora_A.weight, self.lora_B.weight,
-                             self.scale, p, self.save_weight_for_backward, out_scale=self.lora_magnitude_vector,
-                             dora=True, w_sq=self.w_sq, **kw)
+    def function(self) -> tuple:
+        return adapted_linear, {"out_scale": self.lora_magnitude_vector, "dora": True, "w_sq": self.w_sq}
 
 
 class DoRAWeights(LoRAWeights):

@@ -154,9 +154,6 @@ class FreezeBlocks(nn.Module, AdapterHolder):
         self.active, self.enabled, self.merged = None, True, None
         self.__dict__["blocks"] = blocks  # the model's own list (registered there, not here)
 
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters)
-
     def add(self, name: str, replacements: dict[int, nn.Module]) -> None:
         for i in replacements:
             if str(i) not in self.originals:
@@ -165,8 +162,7 @@ class FreezeBlocks(nn.Module, AdapterHolder):
         self._swap()
 
     def remove(self, name: str) -> None:
-        if name in self.adapters:
-            del self.adapters[name]
+        AdapterHolder.remove(self, name)
         self._swap()
 
     def set_active(self, name) -> None:

@@ -29,14 +29,15 @@ def check_adapter_name(name: str) -> str:
 
 
 class AdapterHolder:
-    """Mixin of the holder modules; `active` is the adapter every row uses (None: none)."""
+    """Mixin of the holder modules: adapters by name in `self.adapters` (a ModuleDict); `active` is the
+    adapter every row uses (None: none)."""
 
     active: Optional[str] = None
     enabled: bool = True
     merged: Optional[str] = None
 
     def adapter_names(self) -> list[str]:
-        raise NotImplementedError
+        return list(self.adapters)
 
     def set_active(self, name: Optional[str]) -> None:
         self.active = name
@@ -61,7 +62,8 @@ class AdapterHolder:
         return self._route_single if getattr(self, "_routed", False) else self.active
 
     def remove(self, name: str) -> None:
-        raise NotImplementedError
+        if name in self.adapters:
+            del self.adapters[name]
 
     def merge(self, name: str) -> None:
         raise ConfigError(f"{self.kind} adapters cannot be merged into the weights: {self.merge_refusal}")

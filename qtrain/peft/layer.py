@@ -33,18 +33,13 @@ def module_device(module: nn.Module) -> torch.device:
     return next(iter(list(module.parameters()) + list(module.buffers()))).device
 
 
-class AdaptedLinear(nn.Module):
-    """A frozen base linear (nn.Linear or NF4Linear) plus a method's trainable change."""
+class WrapsLinear(nn.Module):
+    """A module standing in for a frozen base linear (nn.Linear or NF4Linear) it holds as `base_layer`."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        # Set by the trainer when gradient checkpointing is on (see qtrain_kernels.lora_linear).
-        self.save_weight_for_backward = False
-        # Set by the trainer under selective recompute (qtrain.peft.recompute).
-        self.keep_output = False
-        self.adapter_enabled = True
         self._weight_fn = dense_weight_fn(base)
 
     @property
@@ -52,6 +47,18 @@ class AdaptedLinear(nn.Module):
         """The frozen base weight when it is dense (None for an NF4 base), for model code that reads
         `layer.weight` of a linear: T5's feed-forward casts its input to `wo.weight.dtype`."""
         return getattr(self.base_layer, "weight", None)
+
+
+class AdaptedLinear(WrapsLinear):
+    """A frozen base linear plus a method's trainable change (a training layer)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        # Set by the trainer when gradient checkpointing is on (see qtrain_kernels.lora_linear).
+        self.save_weight_for_backward = False
+        # Set by the trainer under selective recompute (qtrain.peft.recompute).
+        self.keep_output = False
+        self.adapter_enabled = True
 
     @property
     def base_bias(self):

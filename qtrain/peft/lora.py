@@ -45,8 +45,13 @@ class LoRALinear(AdaptedLinear):
         if not self.adapter_enabled:
             return lora_linear(x, self._weight_fn, bias, **kw)
         p = self.dropout if self.training else 0.0
-        return self.dispatch(lora_linear, x, self._weight_fn, bias, self.lora_A.weight, self.lora_B.weight,
-                             self.scale, p, self.save_weight_for_backward, **kw)
+        fn, extra = self.function()
+        return self.dispatch(fn, x, self._weight_fn, bias, self.lora_A.weight, self.lora_B.weight,
+                             self.scale, p, self.save_weight_for_backward, **extra, **kw)
+
+    def function(self) -> tuple:
+        """The dispatch-point function this layer runs and its extra keyword arguments (DoRA: its sibling)."""
+        return lora_linear, {}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}"

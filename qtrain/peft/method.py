@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from qtrain.config.methods import METHOD_RULES, MethodRules
@@ -69,6 +70,9 @@ class Method:
     fused_loss: ClassVar[bool] = True
     # Why the adapter cannot be folded into the base weights; None when `qtrain merge` can.
     merge_refusal: ClassVar[Optional[str]] = None
+    # Where a checkpoint keeps the trainable state when the artifact holds only a derived form of it
+    # (prefix tuning's folded MLP, diff pruning's sparse delta): `state` is then that full state.
+    state_file: ClassVar[Optional[str]] = None
 
     @property
     def rules(self) -> MethodRules:
@@ -133,14 +137,20 @@ class Method:
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def checkpoint_files(self) -> list[str]:
-        return [f"{ADAPTER_DIR}/{artifact.WEIGHTS_NAME}"]
+        return [f"{ADAPTER_DIR}/{artifact.WEIGHTS_NAME}"] + ([self.state_file] if self.state_file else [])
 
     def save_checkpoint(self, model: nn.Module, ctx: ArtifactContext, ckpt_dir: Path) -> None:
+        """The adapter dir (usable on its own), and the full trainable state where the artifact drops some."""
         (ckpt_dir / ADAPTER_DIR).mkdir()
         config = self.artifact_config(model, ctx.cfg, ctx.base_model)
         artifact.write_adapter_files(self.artifact_state(model), config, ckpt_dir / ADAPTER_DIR)
+        if self.state_file:
+            save_file(artifact.to_cpu(self.state(model)), str(ckpt_dir / self.state_file))
 
     def load_checkpoint(self, model: nn.Module, ckpt_dir: Path) -> None:
+        if self.state_file:
+            artifact.load_named(self.state(model), artifact.read_tensors(ckpt_dir / self.state_file))
+            return
         _, tensors = artifact.read_adapter(ckpt_dir / ADAPTER_DIR)
         self.load_state(model, tensors)
 

@@ -39,8 +39,8 @@ from torch import nn
 
 from qtrain.errors import ConfigError
 from qtrain.peft.holder import AdapterHolder
-from qtrain.peft.layer import LINEAR_TYPES, AdaptedLinear, compute_dtype, module_device
-from qtrain.quant.linear import NF4Linear, dense_weight_fn, kernel_kwargs
+from qtrain.peft.layer import LINEAR_TYPES, AdaptedLinear, WrapsLinear, compute_dtype, module_device
+from qtrain.quant.linear import NF4Linear, kernel_kwargs
 from qtrain_kernels.lora_linear import lora_linear
 
 CONCAT_MAX_RANK = 256
@@ -109,39 +109,23 @@ class _Route:
     cache: dict = field(default_factory=dict)
 
 
-class MultiAdapterLinear(nn.Module, AdapterHolder):
+class MultiAdapterLinear(WrapsLinear, AdapterHolder):
     kind = "linear-layer"
 
     def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        super().__init__(base)
         self.adapters = nn.ModuleDict()
         self.active: Optional[str] = None
         self.enabled = True
         self.merged: Optional[str] = None
         self._route: Optional[_Route] = None
-        self._weight_fn = dense_weight_fn(base)
-
-    @property
-    def weight(self):
-        """The frozen base weight when it is dense (None for an NF4 base), for model code that reads
-        `layer.weight` of a linear: T5's feed-forward casts its input to `wo.weight.dtype`."""
-        return getattr(self.base_layer, "weight", None)
 
     @property
     def device(self) -> torch.device:
         return module_device(self.base_layer)
 
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters)
-
     def add(self, name: str, entry: LinearEntry) -> None:
         self.adapters[name] = entry.to(self.device)
-
-    def remove(self, name: str) -> None:
-        if name in self.adapters:
-            del self.adapters[name]
 
     # ---- routing ------------------------------------------------------------------------------
 

@@ -23,10 +23,8 @@ cache would need its own prefix handling (use prompt_tuning for T5). Merging is 
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
@@ -35,11 +33,10 @@ from qtrain.errors import CheckpointError
 from qtrain.models.arch import model_is_encoder_decoder
 from qtrain.peft import artifact
 from qtrain.peft.layer import freeze, prepare_recompute
-from qtrain.peft.method import ArtifactContext, Method, task_type_of
-from qtrain.peft.sequence import SequenceAdapter, attach, sequence_adapter, sequence_holder, unwrap
+from qtrain.peft.method import Method, task_type_of
+from qtrain.peft.sequence import SequenceAdapter, attach, attach_saved, sequence_adapter, unwrap
 
 KEY = "prompt_embeddings"
-STATE_FILE = "prefix_state.safetensors"
 
 
 class ReadOnlyPrefixLayer(DynamicLayer):
@@ -119,6 +116,7 @@ class PrefixTuning(Method):
     name = "prefix_tuning"
     peft_type = "PREFIX_TUNING"
     fused_loss = False
+    state_file = "prefix_state.safetensors"
     merge_refusal = ("prefix tuning adds key/value positions to every attention layer, not a change to any weight: "
                      "there is nothing to fold into the base; serve the adapter with qtrain generate instead")
 
@@ -177,16 +175,6 @@ class PrefixTuning(Method):
                 or model.config.hidden_size, "prefix_projection": False, "inference_mode": True,
                 "modules_to_save": None}
 
-    def checkpoint_files(self) -> list[str]:
-        return super().checkpoint_files() + [STATE_FILE]
-
-    def save_checkpoint(self, model: nn.Module, ctx: ArtifactContext, ckpt_dir: Path) -> None:
-        super().save_checkpoint(model, ctx, ckpt_dir)
-        save_file(artifact.to_cpu(self.state(model)), str(ckpt_dir / STATE_FILE))
-
-    def load_checkpoint(self, model: nn.Module, ckpt_dir: Path) -> None:
-        artifact.load_named(self.state(model), artifact.read_tensors(ckpt_dir / STATE_FILE))
-
     def config_from_artifact(self, config: dict) -> PeftConfig:
         return PeftConfig(method=self.name, num_virtual_tokens=int(config["num_virtual_tokens"]),
                           prefix_projection=False)
@@ -199,8 +187,4 @@ class PrefixTuning(Method):
         device = model.get_input_embeddings().weight.device
         encoder = PrefixEncoder(shape, torch.zeros(cfg.num_virtual_tokens, shape[0] * 2 * shape[1] * shape[2],
                                                    device=device), None)
-        try:
-            artifact.load_named({KEY: encoder.embedding}, tensors, what="prefix")
-        except CheckpointError as exc:
-            raise CheckpointError(f"{source}: {exc}") from None
-        sequence_holder(model).adapters[name] = encoder.requires_grad_(False)
+        attach_saved(model, name, encoder, {KEY: encoder.embedding}, tensors, source)

@@ -24,12 +24,11 @@ import torch
 from torch import nn
 
 from qtrain.config.schema import PeftConfig
-from qtrain.errors import CheckpointError, ConfigError
+from qtrain.errors import ConfigError
 from qtrain.models.arch import model_is_encoder_decoder
-from qtrain.peft import artifact
 from qtrain.peft.layer import freeze
 from qtrain.peft.method import Method, task_type_of
-from qtrain.peft.sequence import SequenceAdapter, attach, sequence_adapter, sequence_holder
+from qtrain.peft.sequence import SequenceAdapter, attach, attach_saved, sequence_adapter
 
 KEY = "prompt_embeddings"
 
@@ -144,8 +143,4 @@ class PromptTuning(Method):
         hidden = model.get_input_embeddings().weight.shape[1]
         encoder = PromptEncoder(torch.zeros(cfg.num_virtual_tokens, hidden,
                                             device=model.get_input_embeddings().weight.device))
-        try:
-            artifact.load_named({KEY: encoder.prompt_embeddings}, tensors, what="prompt")
-        except CheckpointError as exc:
-            raise CheckpointError(f"{source}: {exc}") from None
-        sequence_holder(model).adapters[name] = encoder.requires_grad_(False)
+        attach_saved(model, name, encoder, {KEY: encoder.prompt_embeddings}, tensors, source)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qtrain.errors import ConfigError
+from qtrain.errors import CheckpointError, ConfigError
 from qtrain.peft.holder import AdapterHolder
 
 ATTR = "sequence_adapter"
@@ -48,13 +48,6 @@ class SequenceAdapters(SequenceAdapter, AdapterHolder):
         self.active: Optional[str] = None
         self.enabled = True
         self._rows: Optional[list[Optional[str]]] = None
-
-    def adapter_names(self) -> list[str]:
-        return list(self.adapters)
-
-    def remove(self, name: str) -> None:
-        if name in self.adapters:
-            del self.adapters[name]
 
     def set_route(self, rows, method: str = "auto") -> None:
         mine = [r if r in self.adapters else None for r in rows] if rows is not None else None
@@ -86,6 +79,18 @@ def sequence_holder(model: nn.Module) -> SequenceAdapters:
         raise ConfigError("this model has a prompt/prefix adapter attached for training; load saved adapters "
                           "onto a model without one")
     return getattr(model, ATTR)
+
+
+def attach_saved(model: nn.Module, name: str, adapter: SequenceAdapter, params: dict, tensors: dict,
+                 source: str) -> None:
+    """Load `tensors` into `adapter`'s `params` (strict), then hold it in the model's SequenceAdapters as `name`."""
+    from qtrain.peft.artifact import load_named
+
+    try:
+        load_named(params, tensors, what="sequence adapter")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    sequence_holder(model).adapters[name] = adapter.requires_grad_(False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

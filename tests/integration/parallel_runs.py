@@ -38,11 +38,11 @@ def losses(out: Path) -> list[tuple[float, float]]:
     return [(r["loss"], r["grad_norm"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
-def run_single(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_single(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
     """One process with micro-batch 4: what 2 ranks x micro-batch 2 must reproduce."""
     cmd = [sys.executable, "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *TINY,
            "train.micro_batch_size=4", *extra]
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=300)
 
 
 def run_ddp(out: Path, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

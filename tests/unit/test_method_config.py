@@ -82,3 +82,12 @@ def test_sequence_methods_refuse_packed_batches():
     assert problems(data) == ["data.packing: prefix_tuning adds virtual tokens to every sequence, so it needs one "
                               "example per padded row; set data.packing: false"]
     assert METHODS["prefix_tuning"].needs_padded_batches and not METHODS["lora"].needs_padded_batches
+
+
+def test_a_compare_recipe_may_set_the_keys_of_the_methods_it_compares():
+    data = recipe({"method": "lora", "r": 8, "num_virtual_tokens": 4, "reduction_factor": 8},
+                  compare={"variants": ["base", "lora", "prompt_tuning", "bottleneck"]})
+    assert recipe_from_dict(data).peft.num_virtual_tokens == 4
+    data["compare"]["variants"] = ["base", "lora", "prompt_tuning"]
+    assert problems(data) == ["peft.reduction_factor does not apply to lora; remove it (read by: bottleneck, "
+                              "compacter)"]

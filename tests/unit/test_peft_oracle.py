@@ -51,7 +51,9 @@ def test_peft_loads_our_artifact_and_gives_our_logits(method, arch, tiny_base_di
     base_dir = _base(arch, tiny_base_dir, tiny_t5_base_dir)
     ours = load_model(base_dir, torch.float32, CPU, None)
     cfg = peft_config(method)
-    get_method(method).inject(ours, cfg)
+    with torch.random.fork_rng(devices=[]):  # inits draw from the global RNG: the same adapter in any test order
+        torch.manual_seed(0)
+        get_method(method).inject(ours, cfg)
     perturb(ours)
     ours.eval()
     save_adapter(ours, cfg, str(base_dir), tmp_path / "adapter")
@@ -61,5 +63,6 @@ def test_peft_loads_our_artifact_and_gives_our_logits(method, arch, tiny_base_di
 
     theirs = peft.PeftModel.from_pretrained(_hf(arch, base_dir), str(tmp_path / "adapter")).eval()
     expected = _logits(theirs, arch, ours=False)
-    torch.testing.assert_close(_logits(ours, arch), expected, rtol=1e-5, atol=1e-5)
+    # fp32 roundoff scales with the logits' magnitude (T5's untied head gives ~40): 1e-6 of the largest.
+    torch.testing.assert_close(_logits(ours, arch), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
     assert not torch.allclose(expected, _logits(_hf(arch, base_dir), arch, ours=False), atol=1e-3)  # it matters
