@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_dir(args: argparse.Namespace) -> Path:
-    return Path(tempfile.gettempdir()) / "qtrain_bench" / f"llama-{args.hidden}-{args.layers}"
+    return Path(tempfile.gettempdir()) / "qtrain_bench" / f"methods-llama-{args.hidden}-{args.layers}"
 
 
 def prepare_base(args: argparse.Namespace) -> Path:

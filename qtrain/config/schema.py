@@ -164,17 +164,21 @@ class CompareConfig:
     # base: the untouched base; a method name (lora, ia3, prompt_tuning, ...): that method on the
     # recipe's quant.method base; METHOD@nf4 / METHOD@none: on that base. qlora = lora@nf4.
     variants: list[str] = field(default_factory=lambda: ["base", "full", "lora@none", "lora@nf4"])
-    # Learning rate of full fine-tuning (every weight moves, so it usually wants a smaller one);
-    # default: train.lr.
-    full_lr: Optional[float] = None
     # Per-method learning rates, e.g. {prompt_tuning: 3.0e-2}; default: train.lr.
     method_lr: dict[str, float] = field(default_factory=dict)
+    # Learning rate of full fine-tuning (every weight moves, so it usually wants a smaller one):
+    # the same as method_lr: {full: ...}, which wins if both are set.
+    full_lr: Optional[float] = None
     # Eval rows to generate summaries/answers for (ROUGE); null = the whole eval split.
     max_gen_rows: Optional[int] = 100
     max_new_tokens: int = 64
 
     # The keys the recipe set explicitly (a recipe naming variants configures those methods too).
     explicit_keys: ClassVar[frozenset] = frozenset()
+
+    def learning_rate(self, method: str, default: float) -> float:
+        rates = {"full": self.full_lr} if self.full_lr is not None else {}
+        return {**rates, **self.method_lr}.get(method, default)
 
 
 @dataclass

@@ -45,10 +45,8 @@ def variant_settings(variant: str, recipe: Recipe) -> dict[str, Any]:
         return {"quant.method": "none"}
     if quant is None:
         quant = "none" if METHOD_RULES[method].unquantized_base else recipe.quant.method
-    lr = recipe.compare.method_lr.get(method, recipe.train.lr)
-    if method == "full" and recipe.compare.full_lr is not None:
-        lr = recipe.compare.full_lr
-    return {"peft.method": method, "quant.method": quant, "train.lr": lr}
+    return {"peft.method": method, "quant.method": quant,
+            "train.lr": recipe.compare.learning_rate(method, recipe.train.lr)}
 
 
 def variant_dir(variant: str) -> str:
@@ -70,6 +68,17 @@ def variant_data(raw: dict, variant: str, recipe: Recipe, out: Path) -> dict:
     overrides = {**settings, **shared_base(recipe, out), "output_dir": str(out / variant_dir(variant)),
                  "checkpoint.resume": "never"}
     return apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def own_keys(raw: dict) -> dict:
+    """The recipe with only the peft keys its own method reads: a compare recipe configures every method
+    it may compare, and each variant (validated on its own) takes its method's keys."""
+    data = copy.deepcopy(raw)
+    peft = data.get("peft") if isinstance(data.get("peft"), dict) else {}
+    method = peft.get("method", "lora")
+    keep = METHOD_RULES[method].keys if method in METHOD_RULES else set(peft)
+    data["peft"] = {k: v for k, v in peft.items() if k == "method" or k in keep}
+    return data
 
 
 def dir_bytes(path: Path) -> int:
@@ -122,7 +131,7 @@ def eval_variant(data: dict, variant: str, recipe: Recipe, recipe_path: str) -> 
 def compare(recipe_path: str, overrides: list[str]) -> Path:
     """Train and evaluate every variant of `recipe.compare.variants`; returns the path of report.md."""
     raw = apply_overrides(read_yaml(recipe_path), list(overrides))
-    recipe = recipe_from_dict(copy.deepcopy(raw), recipe_path)
+    recipe = recipe_from_dict(own_keys(raw), recipe_path)
     out = Path(recipe.output_dir)
     variants = recipe.compare.variants
     plans = {v: variant_data(raw, v, recipe, out) for v in variants}

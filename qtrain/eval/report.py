@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from qtrain.config.methods import METHOD_RULES
 from qtrain.config.peft_checks import split_variant
 from qtrain.eval.rouge import ROUGE_TYPES
 
@@ -23,10 +24,8 @@ def label(variant: str) -> str:
     method, quant = split_variant(variant)
     if method == "base":
         return "base (untouched)"
-    if method == "full":
-        return METHOD_LABELS["full"]
     name = METHOD_LABELS.get(method, method)
-    if quant is None:
+    if quant is None or METHOD_RULES[method].unquantized_base:  # (its base is always 16-bit)
         return name
     return f"{name} ({'NF4' if quant == 'nf4' else '16-bit'} base)"
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}

@@ -3,14 +3,16 @@
 The trainer, checkpointing, inference, eval and compare never branch on a method's name; they ask
 its `Method` object:
 
-- recipe contract: `rules` (keys it reads, what it needs; config/methods.py) and `check_model`;
+- recipe contract: `rules` (keys it reads, what it needs; config/methods.py), `needs_padded_batches`;
 - training: `load_options` (how the base is loaded), `inject` (freeze the base, attach and return
-  what was adapted), `describe`, `penalty` (a regularizer added once per optimizer step), `report`;
+  what was adapted; a model it cannot serve is a ConfigError with the reason), `enable_checkpointing`,
+  `describe`, `penalty` (a regularizer added once per optimizer step), `report` (summary figures);
 - artifacts: `state` (artifact key -> live tensor), `artifact_state` / `artifact_config` (the
   files a user keeps, peft's format where peft has the method), `load_state`, `save_artifact`;
 - checkpoints: `checkpoint_files`, `save_checkpoint`, `load_checkpoint` (bit-exact resume: the
-  trainable state, in the artifact's form unless the artifact drops some of it);
-- inference: `config_from_artifact`, `attach` (add a saved adapter to an `AdapterSet`).
+  trainable state, in the artifact's form, plus `state_file` where the artifact drops some of it);
+- inference: `config_from_artifact`, `attach` (add a saved adapter to a model's holders, for an
+  `AdapterSet`), `merge_refusal` (None when the math allows folding it into the weights).
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from qtrain.errors import CheckpointError, ConfigError
+from qtrain.peft.artifact import load_named
 from qtrain.peft.holder import AdapterHolder
 
 ATTR = "sequence_adapter"
@@ -84,8 +86,6 @@ def sequence_holder(model: nn.Module) -> SequenceAdapters:
 def attach_saved(model: nn.Module, name: str, adapter: SequenceAdapter, params: dict, tensors: dict,
                  source: str) -> None:
     """Load `tensors` into `adapter`'s `params` (strict), then hold it in the model's SequenceAdapters as `name`."""
-    from qtrain.peft.artifact import load_named
-
     try:
         load_named(params, tensors, what="sequence adapter")
     except CheckpointError as exc:
@@ -94,8 +94,10 @@ def attach_saved(model: nn.Module, name: str, adapter: SequenceAdapter, params: 
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a DDP / DeepSpeed wrapper (those keep it as `.module`)."""
-    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
+    """The Hugging Face model inside a DDP / DeepSpeed wrapper (those keep it as `.module`; DeepSpeed's
+    engine also has a `config` of its own and passes unknown attributes through to the model)."""
+    while not isinstance(model, PreTrainedModel) and isinstance(model.__dict__.get("_modules", {}).get("module"),
+                                                                nn.Module):
         model = model.module
     return model
 

@@ -53,6 +53,18 @@ def run_ddp(out: Path, *extra: str, fault: str | None = None, timeout: int = 300
     return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=timeout)
 
 
+ZERO2 = "distributed.deepspeed_config=configs/deepspeed/zero2.json"
+
+
+def run_ds(out: Path, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """2 ranks under DeepSpeed's own launcher (ZeRO-2), micro-batch 2 each; on a CPU-only machine
+    `--num_gpus 2` just starts 2 processes."""
+    cmd = [tool("deepspeed"), "--no_local_rank", "--num_nodes", "1", "--num_gpus", "2", "--module", "qtrain", "train",
+           "configs/quickstart.yaml", f"output_dir={out}", *TINY, "train.micro_batch_size=2",
+           "distributed.engine=deepspeed", ZERO2, *extra]
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=timeout)
+
+
 def assert_same_training(single: Path, parallel: Path) -> None:
     """Per-step losses and grad norms (logged to 6 decimals) and the final adapter agree.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qtrain.eval.compare import variant_data, variant_settings
+from qtrain.eval.compare import own_keys, variant_data, variant_settings
 from qtrain.eval.report import (HEADER, human_bytes, label, markdown_table, plot_loss_curves, plot_rouge,
                                 plot_rouge_vs_trainable, table_rows)
 from qtrain.config.schema import Recipe
@@ -72,6 +72,8 @@ def test_a_variant_keeps_only_the_peft_keys_its_method_reads(tmp_path):
     assert variant_data(raw, "prompt_tuning", r, tmp_path)["peft"] == {"method": "prompt_tuning",
                                                                        "num_virtual_tokens": 4}
     assert raw["peft"]["r"] == 8  # the user's dict is untouched
+    # the compare recipe itself is checked as its own method's recipe: other methods' keys are theirs
+    assert own_keys(raw)["peft"] == {"method": "lora", "r": 8, "alpha": 16}
 
 
 def test_labels_name_the_method_and_its_base():
