@@ -19,10 +19,11 @@ import resource
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import _harness as h
+
+REPO = h.REPO
 MODEL = ["model.from_config.hidden_size=512", "model.from_config.intermediate_size=1376",
          "model.from_config.num_hidden_layers=4", "model.from_config.num_attention_heads=8",
          "model.from_config.num_key_value_heads=8", "data.max_len=256", "train.micro_batch_size=2",
@@ -59,7 +60,7 @@ def run_child(args: argparse.Namespace, nproc: int) -> dict:
             "global_batch_size": summary["global_batch_size"], "median_step_s": summary["median_step_s"],
             "tokens_per_s": summary["tokens_per_s"] * summary["world_size"],
             "peak_rss_mib_per_rank": round(peak_kib / 1024, 1), "final_train_loss": summary["final_train_loss"],
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+            "loadavg_1m": h.loadavg()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,14 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.procs:
         cmd = [sys.executable, "-m", "benchmarks.bench_ddp_scaling", "--child", str(n), "--threads",
                str(args.threads), "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr[-3000:])
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append(h.run_json(cmd, f"bench_ddp_scaling: {n} process(es)"))
     base = next((r for r in rows if r["procs"] == 1), None)
     for r in rows:
         r["scaling_efficiency"] = round(r["tokens_per_s"] / (r["procs"] * base["tokens_per_s"]), 3) if base else None
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
+    result = {"date": h.now(), "device": h.cpu_key(args.threads), "cpu": h.cpu_name(), "cpu_count": os.cpu_count(),
               "model": MODEL, "steps": args.steps, "runs": rows}
     print(json.dumps(result, indent=2))
     if args.out:

@@ -25,14 +25,13 @@ import json
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import _harness as h
 from benchmarks._results import merge_result
-from benchmarks.bench_cpu_step import device_key, llama_config, versions
+from benchmarks.bench_cpu_step import llama_config
 
-REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / "data" / "quickstart" / "tokenizer"
+TOKENIZER = h.REPO / "data" / "quickstart" / "tokenizer"
 N_ADAPTERS = 4
 BAR = 1.3
 
@@ -233,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     mixed_over_single = {side: ratio(stats, f"{side}_mixed4", f"{side}_single")
                          for side in ("qtrain_nf4", "qtrain_bf16", "peft")}
     result = {
-        "device": device_key(args.threads),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": h.cpu_key(args.threads), "cpu": h.cpu_name(),
+        "date": h.now(),
         "config": {"model": llama_config(args.hidden, args.layers), "batch": args.batch, "prompt_tokens": args.prompt,
                    "new_tokens": args.new, "rank": args.rank, "alpha": 2 * args.rank, "adapters": N_ADAPTERS,
                    "targets": "all 7 projections", "rounds": args.rounds, "threads": args.threads,
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             k: agreement(outputs[f"qtrain_bf16_{k}"], outputs[f"peft_{k}"]) for k in ("single", "mixed4", "merged")
             if f"qtrain_bf16_{k}" in outputs and f"peft_{k}" in outputs},
         "greedy_token_agreement_qtrain_vs_peft_fp32_mixed4": fp32_mixed_agreement(base, adapters, prompts, args),
-        "versions": versions(),
+        "versions": h.versions(),
     }
     print(json.dumps(result, indent=2))
     if args.out:

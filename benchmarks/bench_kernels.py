@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     require_cuda()
     import torch
 
-    from benchmarks.bench_cpu_step import versions
+    from benchmarks._harness import versions
 
     rows, sanity = [], {}
     for shape in args.shapes:

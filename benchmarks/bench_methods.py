@@ -23,18 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import _harness as h
 from benchmarks._results import merge_result
-from benchmarks.bench_cpu_step import TOKENIZER, llama_config, measure, summarize, versions
-from benchmarks.bench_cpu_step import device_key as cpu_device_key
+from benchmarks.bench_cpu_step import PEAKS, TOKENIZER, llama_config, measure
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = h.REPO
 SEED = 0
 ALL = ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "bottleneck", "compacter", "freeze",
        "diff_pruning", "full"]
@@ -163,22 +160,18 @@ def run_side(args: argparse.Namespace) -> dict:
     return measure(model, loss_fn, args, time.perf_counter() - t0)
 
 
+ARGS = ("hidden", "layers", "seq", "batch", "steps", "warmup", "threads")
+LAST = ("first_loss", "final_loss", "trainable_params", "threads")
+
+
 def run_child(args: argparse.Namespace, side: str) -> dict:
-    argv = [sys.executable, "-m", "benchmarks.bench_methods", "--side", side]
-    for name in ("hidden", "layers", "seq", "batch", "steps", "warmup", "threads"):
-        argv += [f"--{name}", str(getattr(args, name))]
-    proc = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_methods: the {side!r} side failed (exit {proc.returncode}); its stderr is above")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return h.run_json(h.side_argv("benchmarks.bench_methods", side, args, ARGS), f"bench_methods: the {side!r} side")
 
 
 def ratios(ours: dict, other: dict) -> dict:
-    def r(key: str):
-        return round(ours[key] / other[key], 3) if ours.get(key) and other.get(key) else None
-
-    return {"step_time": r("median_step_s"), "cpu_time": r("median_cpu_s"), "peak_memory": r("peak_rss_mib"),
-            "train_phase_peak_memory": r("peak_rss_train_mib")}
+    return {"step_time": h.ratio(ours, other, "median_step_s"), "cpu_time": h.ratio(ours, other, "median_cpu_s"),
+            "peak_memory": h.ratio(ours, other, "peak_rss_mib"),
+            "train_phase_peak_memory": h.ratio(ours, other, "peak_rss_train_mib")}
 
 
 def compare(args: argparse.Namespace) -> dict:
@@ -192,22 +185,22 @@ def compare(args: argparse.Namespace) -> dict:
             if method in PEFT_HAS:
                 runs["peft"].append(run_child(args, f"peft:{method}"))
             runs["qtrain"].append(run_child(args, f"qtrain:{method}"))
-        entry = {"qtrain": summarize(runs["qtrain"], tokens)}
+        entry = {"qtrain": h.pooled(runs["qtrain"], tokens, PEAKS, LAST)}
         if runs["peft"]:
-            entry["peft"] = summarize(runs["peft"], tokens)
+            entry["peft"] = h.pooled(runs["peft"], tokens, PEAKS, LAST)
             entry["qtrain_over_peft"] = ratios(entry["qtrain"], entry["peft"])
             entry["within_bar"] = entry["qtrain_over_peft"]["step_time"] <= 1.1
         per_method[method] = entry
     if "lora" in per_method:
         for method, entry in per_method.items():
             entry["qtrain_over_qtrain_lora"] = ratios(entry["qtrain"], per_method["lora"]["qtrain"])
-    return {"device": cpu_device_key(args.threads), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"device": h.cpu_key(args.threads), "date": h.now(),
             "config": {"model": llama_config(args.hidden, args.layers), "seq": args.seq, "batch": args.batch,
                        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads,
                        "compute": "fp32, NF4 double-quant base (full: unquantized), no gradient checkpointing",
                        "lora": {"r": RANK, "alpha": 2 * RANK, "targets": TARGETS},
                        "virtual_tokens": VIRTUAL, "model_dir": str(model_dir(args))},
-            "methods": per_method, "versions": versions()}
+            "methods": per_method, "versions": h.versions()}
 
 
 def report(result: dict, out: Path | None) -> None:

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import _harness as h
+
+REPO = h.REPO
 TOKENIZER = REPO / "data" / "quickstart" / "tokenizer"
 SEED, LR = 0, 1e-4
 SIDES = ("hf", "qtrain-torch", "qtrain-triton", "qtrain-triton-fusedce")
@@ -221,32 +220,20 @@ def prepare_base(args: argparse.Namespace) -> Path:
 # ---- parent -----------------------------------------------------------------------------------
 
 def run_child(args: argparse.Namespace, side: str) -> dict:
-    argv = [sys.executable, "-m", "benchmarks.bench_train_step", "--side", side]
-    for name in ("layers", "seq", "batch", "rank", "steps", "warmup"):
-        argv += [f"--{name}", str(getattr(args, name))]
-    if args.cache:
-        argv += ["--cache", str(args.cache)]
-    proc = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    if proc.returncode == NO_CUDA_EXIT:
-        raise SystemExit(NO_CUDA_EXIT)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_train_step: the {side!r} side failed (exit {proc.returncode}); its stderr is above")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = h.side_argv("benchmarks.bench_train_step", side, args, ("layers", "seq", "batch", "rank", "steps",
+                                                                     "warmup", "cache"))
+    return h.run_json(argv, f"bench_train_step: the {side!r} side")  # without CUDA the side says so and exits
 
 
 def summarize(runs: list[dict], tokens: int) -> dict:
-    times = [t for r in runs for t in r["step_times"]]
-    median = statistics.median(times)
-    last = runs[-1]
-    return {"median_step_s": round(median, 4), "min_step_s": min(times), "tokens_per_s": round(tokens / median, 1),
-            "step_times": times, **{k: max(r[k] for r in runs) for k in ("peak_mib_load", "peak_mib_train")},
-            **{k: last[k] for k in ("first_loss", "final_loss", "trainable_params", "fused_lora_calls_first_step")},
-            "load_s": [r["load_s"] for r in runs]}
+    out = h.pooled(runs, tokens, ("peak_mib_load", "peak_mib_train"),
+                   ("first_loss", "final_loss", "trainable_params", "fused_lora_calls_first_step"))
+    out["load_s"] = [r["load_s"] for r in runs]
+    return out
 
 
 def compare(args: argparse.Namespace) -> dict:
     from benchmarks._anchor import anchor_config
-    from benchmarks.bench_cpu_step import versions
 
     run_child(args, "prepare")
     runs: dict[str, list[dict]] = {side: [] for side in args.sides}
@@ -263,13 +250,13 @@ def compare(args: argparse.Namespace) -> dict:
     anchor["from_pretrained"] = anchor["from_pretrained"].replace("{'': 'cpu'}", "{'': cuda device}")
     anchor["loss"] = anchor["loss"].replace("'cpu'", "'cuda'")
     return {"device": next(iter(runs.values()))[0]["device"],
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": h.now(),
             "config": {"model": llama3_8b_config(args.layers), "seq": args.seq, "batch": args.batch,
                        "rank": args.rank, "alpha": 2 * args.rank, "steps": args.steps, "warmup": args.warmup,
                        "rounds": args.rounds, "optimizer": f"torch AdamW lr {LR}", "autocast": "cuda bfloat16",
                        "gradient_checkpointing": "non-reentrant, full recompute (both sides)",
                        "model_dir": str(model_dir(args))},
-            "anchor_config": anchor, "sides": sides, "ratios": ratios, "versions": versions()}
+            "anchor_config": anchor, "sides": sides, "ratios": ratios, "versions": h.versions()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,10 +1,11 @@
-"""`qtrain train|generate|merge|eval ...`.
+"""`qtrain train|generate|merge|eval|compare|plan ...`.
 
     qtrain train RECIPE [key.sub=value ...]
     qtrain generate --adapter DIR [--adapter NAME=DIR ...] (--prompt TEXT | --input FILE.jsonl) [...]
     qtrain merge --adapter DIR --out DIR [--dtype bf16|fp16|fp32] [...]
     qtrain eval RECIPE [--adapter DIR | --no-adapter] [key.sub=value ...]
     qtrain compare RECIPE [key.sub=value ...]
+    qtrain plan RECIPE [--gpus N] [--gpu-mem 24GiB] [--engine E] [--device cpu|cuda] [--json] [key.sub=value ...]
 
 User errors (`QtrainError`) print one message and exit with code 2, without a traceback.
 """
@@ -16,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from qtrain.errors import EXIT_USER_ERROR, QtrainError, TrainingStopped
+from qtrain.errors import EXIT_DISK_FULL, EXIT_USER_ERROR, QtrainError, TrainingStopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,14 +33,30 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="base vs full fine-tune vs LoRA vs QLoRA on one recipe: report.md + plots")
     c.add_argument("recipe", help="path of the YAML recipe (its compare: section picks variants and scoring)")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys, as for train")
+    _add_plan(sub)
     return p
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="per-device memory of a recipe's run, from config.json only: fits or not, and how")
+    p.add_argument("recipe", help="path of the YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys, as for train")
+    p.add_argument("--gpus", type=int, default=1, help="processes, one device each (default 1)")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="memory per device, e.g. 24GiB, 80GB, 81920MiB "
+                   "(default: the visible GPU's, or this machine's RAM with --device cpu)")
+    p.add_argument("--engine", default="auto", choices=("auto", "plain", "ddp", "zero1", "zero2", "zero3", "fsdp"),
+                   help="default: what the recipe's distributed section gives on --gpus processes")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when a GPU is visible or --gpu-mem is given, else cpu")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def _add_base_options(p: argparse.ArgumentParser, dtype_flag: str, dtype_help: str) -> None:
     g = p.add_argument_group("base model")
     g.add_argument("--base", metavar="DIR", help="base model dir (default: the adapter's base_model_name_or_path)")
     g.add_argument("--no-quant", action="store_true", help="load the base unquantized instead of NF4")
-    g.add_argument(dtype_flag, dest="base_dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help=dtype_help)
+    g.add_argument(dtype_flag, dest="base_dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help=dtype_help)
     g.add_argument("--blocksize", type=int, default=64, help="NF4 block size the adapter was trained with")
     g.add_argument("--no-double-quant", action="store_true", help="NF4 without double quantization")
     g.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
@@ -61,7 +78,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=8)
-    _add_base_options(g, "--dtype", "dtype the base is loaded and run in (default bf16)")
+    _add_base_options(g, "--dtype", "dtype the base is loaded and run in (default auto: bf16 where the device "
+                      "computes it natively, else fp16 on older GPUs, fp32 on CPUs without native bf16)")
 
 
 def _add_merge(sub) -> None:
@@ -72,7 +90,7 @@ def _add_merge(sub) -> None:
                    help="dtype of the written weights (nf4 is refused, with the reason)")
     m.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 2GB, 500MB")
     _add_base_options(m, "--base-dtype", "dtype the NF4 base is loaded and quantized in: the recipe's model.dtype "
-                      "(default bf16); with --no-quant the base is read in fp32")
+                      "(default auto, as in training); with --no-quant the base is read in fp32")
 
 
 def _add_eval(sub) -> None:
@@ -91,12 +109,20 @@ def _add_eval(sub) -> None:
 def _base_options(args: argparse.Namespace, merge: bool = False):
     import torch
 
+    from qtrain.distributed.env import read_env
     from qtrain.infer.load import DTYPES, BaseOptions
+    from qtrain.models.precision import resolve_precision
     from qtrain.quant.nf4 import NF4Spec
 
+    device = read_env().device()
     quant = None if args.no_quant else NF4Spec(args.blocksize, not args.no_double_quant)
-    dtype = torch.float32 if (merge and args.no_quant) else DTYPES[args.base_dtype]
-    return BaseOptions(dtype=dtype, quant=quant, kernels=args.kernels)
+    if merge and args.no_quant:
+        dtype = torch.float32
+    elif args.base_dtype == "auto":
+        dtype = resolve_precision("auto", device).dtype
+    else:
+        dtype = DTYPES[args.base_dtype]
+    return BaseOptions(dtype=dtype, quant=quant, device=device, kernels=args.kernels)
 
 
 def _sampling(args: argparse.Namespace):
@@ -154,6 +180,19 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from qtrain.config import load_recipe
+    from qtrain.plan import plan_recipe, suggestions
+    from qtrain.plan.planner import resolve_target
+    from qtrain.plan.render import to_json_text, to_text
+
+    target = resolve_target(args.device, args.gpus, args.gpu_mem)  # a bad --gpu-mem fails before the recipe
+    plan = plan_recipe(load_recipe(args.recipe, args.overrides), target, args.engine)
+    found = suggestions(plan)
+    print(to_json_text(plan, found) if args.json else to_text(plan, found, args.recipe))
+    return 0
+
+
 def _quiet_optional_backends() -> None:
     """bitsandbytes warns at import that an optional CPU kernel package (`kernels`) is missing;
     qtrain never uses that path, so the CLI keeps it off the user's terminal."""
@@ -161,12 +200,12 @@ def _quiet_optional_backends() -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    """Parse; `eval` also takes key=value overrides after its options (argparse alone would refuse
-    `qtrain eval R --no-generate a=b`, since the overrides positional was already consumed)."""
+    """Parse; `eval` and `plan` also take key=value overrides after their options (argparse alone
+    would refuse `qtrain eval R --no-generate a=b`, since the overrides positional was already consumed)."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command == "eval" and not any(e.startswith("-") for e in extra):
+        if args.command in ("eval", "plan") and not any(e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -177,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     _quiet_optional_backends()
     try:
-        commands = {"train": _train, "generate": _generate, "merge": _merge, "eval": _eval, "compare": _compare}
+        commands = {"train": _train, "generate": _generate, "merge": _merge, "eval": _eval, "compare": _compare,
+                    "plan": _plan}
         return commands[args.command](args)
     except QtrainError as exc:
         print(f"qtrain: {exc.kind}: {exc}", file=sys.stderr)
@@ -185,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         print(f"qtrain: stopped: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - a full disk anywhere outside a checkpoint save; the rest re-raises
+        from qtrain.checkpoint.space import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        print(f"qtrain: stopped: no space left on device writing {getattr(exc, 'filename', None) or 'a file'}; "
+              "free space and run "
+              "the same command again", file=sys.stderr)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

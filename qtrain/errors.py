@@ -55,6 +55,7 @@ class CheckpointError(QtrainError):
 
 # Exit codes of `qtrain train` besides 0 (success) and 2 (user error).
 EXIT_NONFINITE = 3   # stopped on non-finite loss/gradients; the last good state was saved
+EXIT_DISK_FULL = 74  # EX_IOERR: the disk filled while writing; the partial write was removed, the last checkpoint kept
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run the same command again
 
 

@@ -141,6 +141,14 @@ def read_pointer(output_dir: str | Path) -> str | None:
     return text
 
 
+def abort(output_dir: str | Path, step: int) -> None:
+    """Remove step `step`'s unfinished save (its `.tmp` dirs); committed checkpoints are untouched."""
+    root = checkpoints_root(output_dir)
+    if root.is_dir():
+        for p in root.glob(f".step-{step}.*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def clean_partial(output_dir: str | Path) -> list[Path]:
     """Remove unfinished saves (`.*.tmp` dirs); returns what was removed."""
     root = checkpoints_root(output_dir)

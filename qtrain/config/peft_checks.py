@@ -82,6 +82,9 @@ def check_peft(r: Recipe) -> list[str]:
     if rules.padded_batches and r.data.packing:
         p.append(f"data.packing: {method} adds virtual tokens to every sequence, so it needs one example per "
                  "padded row; set data.packing: false")
+    if rules.padded_batches and r.data.padding_free is True:
+        p.append(f"data.padding_free: {method} adds virtual tokens before every row, which a padding-free batch "
+                 "(all rows in one) cannot hold; set data.padding_free: false (or auto, which pads for it)")
     return p
 
 

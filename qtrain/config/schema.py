@@ -26,7 +26,10 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     # Where a `from_config` base is written as a normal HF dir; default <output_dir>/base.
     base_dir: Optional[str] = None
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # Compute dtype of the unquantized weights and of NF4 dequantization. auto: bf16 where the device
+    # computes it natively (CUDA >= 8.0, CPUs with AVX-512 BF16 or AMX), fp16 with loss scaling on older
+    # GPUs, fp32 on other CPUs (see qtrain/models/precision.py).
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     trust_remote_code: bool = False
 
 
@@ -88,17 +91,43 @@ class PeftConfig:
 
 
 @dataclass
+class MixSource:
+    """One source of a data mixture: its file(s) and how often training draws from it."""
+
+    # A file, a glob (`shards/*.jsonl`) or a list of either.
+    path: Union[str, list[str]] = ""
+    # Relative weight: a source is drawn with probability weight / (sum of weights).
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    path: Optional[str] = None
+    # A file, a glob (`data/*.jsonl`) or a list of either; the files are read in order as one source.
+    path: Union[str, list[str], None] = None
+    # Instead of `path`: several sources sampled by weight, deterministically by seed.
+    mix: Optional[list[MixSource]] = None
     format: Literal["text", "instruction", "chat", "summarization"] = "instruction"
     max_len: int = 512
+    # Bin-pack whole rows into sequences of up to max_len tokens; rows never attend to each other.
     packing: bool = True
+    # Flatten each micro-batch into one row with per-row position ids instead of padding it.
+    # auto: where attention stays per row (flash-attention varlen); true: always (decoder-only); false: pad.
+    padding_free: Union[Literal["auto"], bool] = "auto"
     # What to do with a row longer than max_len: cut it, or leave it out (and count it).
     overlong: Literal["truncate", "drop"] = "truncate"
     eval_split: float = 0.05
     eval_path: Optional[str] = None
     # Rename the fields a format reads, e.g. {prompt: instruction, response: output}.
     fields: dict[str, str] = field(default_factory=dict)
+    # Where tokenized data is cached (memory-mapped Arrow); default <output_dir>/data_cache.
+    cache_dir: Optional[str] = None
+    # Rebuild the cache even if a valid one exists.
+    rebuild: bool = False
+    # Processes that tokenize; default: the CPU cores this process may use (a cache build runs
+    # while the other ranks wait), shared among a node's ranks when streaming.
+    num_proc: Optional[int] = None
+    # Encode and pack rows on the fly while training (no cache); needs eval_path or eval_split: 0.
+    streaming: bool = False
 
 
 @dataclass
@@ -113,9 +142,10 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "paged_adamw_8bit"
     grad_clip: Optional[float] = 1.0
     gradient_checkpointing: bool = True
-    # With checkpointing: what backward recomputes (see qtrain/train/recompute.py).
+    # With checkpointing: what backward recomputes (see qtrain/peft/recompute.py).
     recompute: Literal["full", "attention", "matmuls"] = "full"
-    # bf16 autocast around forward/backward; `auto` = on when model.dtype is bfloat16.
+    # Autocast around forward/backward. auto: in the compute dtype when it is 16-bit (bf16, or fp16 with
+    # loss scaling), none for fp32; on: also bf16 autocast over fp32 weights; off: never.
     autocast: Literal["auto", "on", "off"] = "auto"
     # On a NaN/inf loss or gradient norm: skip the step (stop after max_nonfinite_in_row in a
     # row) or stop at once; either way the last good state is checkpointed before stopping.
@@ -152,8 +182,13 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = 10
+    # Event files under <output_dir>/tensorboard (needs the `tensorboard` package).
     tensorboard: bool = False
+    # Weights & Biases (needs `wandb`): offline unless wandb_mode is online or WANDB_MODE says so.
     wandb: bool = False
+    wandb_project: str = "qtrain"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    # A progress bar on a terminal, one line per logged step otherwise (e.g. SLURM logs).
     progress: bool = True
 
 

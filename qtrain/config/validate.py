@@ -45,8 +45,7 @@ def check_values(r: Recipe) -> list[str]:
         _positive(p, "compare.max_gen_rows", c.max_gen_rows, allow_zero=True)
     _positive(p, "compare.max_new_tokens", c.max_new_tokens)
     d = r.data
-    if not d.path:
-        p.append("data.path: required (a local .jsonl/.json/.csv/.parquet file)")
+    _check_data_sources(p, r)
     if d.max_len < 8:
         p.append(f"data.max_len: must be >= 8, got {d.max_len}")
     if not 0.0 <= d.eval_split < 1.0:
@@ -77,3 +76,28 @@ def check_values(r: Recipe) -> list[str]:
                  "use 'deepspeed' (or 'auto') or remove the key")
     _positive(p, "distributed.timeout_s", r.distributed.timeout_s)
     return p
+
+
+def _check_data_sources(p: list[str], r: Recipe) -> None:
+    """data.path xor data.mix, well-formed paths and weights, and what streaming needs."""
+    d = r.data
+    if d.mix is not None and d.path:
+        p.append("data.mix: set together with data.path; use data.path for one source or data.mix for several, "
+                 "not both")
+    elif d.mix is None and not d.path:
+        p.append("data.path: required (a local .jsonl/.json/.csv/.parquet file, a glob, or a list of them; "
+                 "or data.mix for weighted sources)")
+    if isinstance(d.path, list) and any(not x for x in d.path):
+        p.append(f"data.path: every entry must be a file or glob, got {d.path!r}")
+    if d.mix is not None:
+        if not d.mix:
+            p.append("data.mix: empty list; give [{path: FILE, weight: 1.0}, ...] or use data.path")
+        for i, source in enumerate(d.mix):
+            if not source.path or (isinstance(source.path, list) and not all(source.path)):
+                p.append(f"data.mix[{i}].path: required (a file, a glob, or a list of them)")
+            _positive(p, f"data.mix[{i}].weight", source.weight)
+    if d.num_proc is not None:
+        _positive(p, "data.num_proc", d.num_proc)
+    if d.streaming and d.eval_split > 0 and not d.eval_path:
+        p.append(f"data.eval_split: {d.eval_split} cannot be held out of a stream (its length is unknown); "
+                 "with data.streaming set data.eval_path to a held-out file, or data.eval_split: 0")

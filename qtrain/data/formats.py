@@ -12,7 +12,7 @@ have that shape.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from qtrain.errors import DataError
@@ -63,10 +63,7 @@ def encode_row(row: Mapping[str, Any], fmt: str, tokenizer: Any, fields: Mapping
         DataError: a field is missing, not a string, or empty; the tokenizer cannot do the
             format (no EOS token, no chat template).
     """
-    check_fields(fmt, fields)
-    where = source if row_number is None else f"{source}, row {row_number}"
-    ctx = _Row(row, fields, where)
-    return _ENCODERS[fmt](ctx, tokenizer)
+    return encode_rows([row], fmt, tokenizer, fields, source=source, row_numbers=[row_number])[0]
 
 
 def encode_seq2seq_row(row: Mapping[str, Any], fmt: str, tokenizer: Any, fields: Mapping[str, str],
@@ -81,13 +78,36 @@ def encode_seq2seq_row(row: Mapping[str, Any], fmt: str, tokenizer: Any, fields:
         DataError: the format has no single prompt and answer (text, chat), or the row is bad
             as for `encode_row`.
     """
+    return encode_rows([row], fmt, tokenizer, fields, source=source, row_numbers=[row_number],
+                       encoder_decoder=True)[0]
+
+
+def encode_rows(rows: Sequence[Mapping[str, Any]], fmt: str, tokenizer: Any, fields: Mapping[str, str],
+                *, source: str = "data", row_numbers: Sequence[int | None] | None = None,
+                encoder_decoder: bool = False) -> list[Encoded]:
+    """`encode_row` (or `encode_seq2seq_row`) for many rows, tokenizing each field in one batch call.
+
+    A fast tokenizer encodes a batch in Rust (in parallel, without the GIL), several times faster
+    than one `encode` per text; the ids are the same. Rows are checked in order, so the first bad
+    row is the one reported.
+    """
     check_fields(fmt, fields)
-    check_seq2seq_format(fmt)
-    where = source if row_number is None else f"{source}, row {row_number}"
-    ctx = _Row(row, fields, where)
-    prompt, answer = _SEQ2SEQ_PARTS[fmt](ctx)
-    eos = _eos(tokenizer, ctx.where)
-    return _ids(tokenizer, prompt) + eos, _ids(tokenizer, answer) + eos
+    if encoder_decoder:
+        check_seq2seq_format(fmt)
+    numbers = list(row_numbers) if row_numbers is not None else [None] * len(rows)
+    ctxs = [_Row(row, fields, source if n is None else f"{source}, row {n}") for row, n in zip(rows, numbers)]
+    if fmt == "chat":
+        return [_encode_chat(ctx, tokenizer) for ctx in ctxs]
+    parts = [_PARTS[fmt](ctx) for ctx in ctxs]
+    if not ctxs:
+        return []
+    eos = _eos(tokenizer, ctxs[0].where)
+    prompts = _ids_batch(tokenizer, [p for p, _ in parts])
+    answers = _ids_batch(tokenizer, [a for _, a in parts])
+    if encoder_decoder:
+        return [(p + eos, a + eos) for p, a in zip(prompts, answers)]
+    bos = _bos(tokenizer)
+    return [_prompt_then_answer(bos + p, a + eos) for p, a in zip(prompts, answers)]
 
 
 def check_seq2seq_format(fmt: str) -> None:
@@ -135,6 +155,26 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def _ids_batch(tokenizer: Any, texts: list[str | None]) -> list[list[int]]:
+    """Ids of each text (no special tokens); [] for None (a format piece that is absent).
+
+    A fast tokenizer's Rust backend is called directly: the ids are those of
+    `tokenizer.encode(text, add_special_tokens=False)`, without transformers building an
+    encoding dict per text (measured: 10% of a build's time).
+    """
+    present = [t for t in texts if t is not None]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not present:
+        ids: list[list[int]] = []
+    elif backend is not None:
+        fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        ids = [e.ids for e in fast(present, add_special_tokens=False)]
+    else:
+        ids = [list(x) for x in tokenizer(present, add_special_tokens=False)["input_ids"]]
+    encoded = iter(ids)
+    return [[] if t is None else next(encoded) for t in texts]
+
+
 def _bos(tokenizer: Any) -> list[int]:
     bos = getattr(tokenizer, "bos_token_id", None)
     return [] if bos is None else [bos]
@@ -150,25 +190,6 @@ def _eos(tokenizer: Any, where: str) -> list[int]:
 
 def _prompt_then_answer(prompt: list[int], answer: list[int]) -> Encoded:
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
-
-
-def _encode_text(ctx: _Row, tokenizer: Any) -> Encoded:
-    # BOS (when the tokenizer has one) is context, not a target: masked like a prompt.
-    body = _ids(tokenizer, ctx.text("text")) + _eos(tokenizer, ctx.where)
-    return _prompt_then_answer(_bos(tokenizer), body)
-
-
-def _encode_instruction(ctx: _Row, tokenizer: Any) -> Encoded:
-    prompt = _bos(tokenizer) + _ids(tokenizer, ctx.text("prompt"))
-    answer = _ids(tokenizer, ctx.text("response")) + _eos(tokenizer, ctx.where)
-    return _prompt_then_answer(prompt, answer)
-
-
-def _encode_summarization(ctx: _Row, tokenizer: Any) -> Encoded:
-    text = SUMMARIZATION_PROMPT.format(dialogue=ctx.text("dialogue"))
-    prompt = _bos(tokenizer) + _ids(tokenizer, text)
-    answer = _ids(tokenizer, ctx.text("summary")) + _eos(tokenizer, ctx.where)
-    return _prompt_then_answer(prompt, answer)
 
 
 def _encode_chat(ctx: _Row, tokenizer: Any) -> Encoded:
@@ -243,6 +264,11 @@ def _render(ctx: _Row, tokenizer: Any, messages: list[dict[str, Any]],
                        "fix the conversation or the template") from None
 
 
+def _text_parts(ctx: _Row) -> tuple[str | None, str]:
+    # No prompt: BOS (when the tokenizer has one) is the only context, masked like a prompt.
+    return None, ctx.text("text")
+
+
 def _instruction_parts(ctx: _Row) -> tuple[str, str]:
     return ctx.text("prompt"), ctx.text("response")
 
@@ -251,15 +277,11 @@ def _summarization_parts(ctx: _Row) -> tuple[str, str]:
     return SUMMARIZATION_PROMPT.format(dialogue=ctx.text("dialogue")), ctx.text("summary")
 
 
-# Encoder-decoder formats: row -> (prompt text, answer text).
-_SEQ2SEQ_PARTS: dict[str, Callable[[_Row], tuple[str, str]]] = {
+# Formats of one prompt and one answer: row -> (prompt text or None, answer text). Decoder-only
+# models see BOS + prompt (masked) then answer + EOS (trained); encoder-decoder models get
+# prompt + EOS as encoder input and answer + EOS as labels.
+_PARTS: dict[str, Callable[[_Row], tuple[str | None, str]]] = {
+    "text": _text_parts,
     "instruction": _instruction_parts,
     "summarization": _summarization_parts,
-}
-
-_ENCODERS: dict[str, Callable[[_Row, Any], Encoded]] = {
-    "text": _encode_text,
-    "instruction": _encode_instruction,
-    "chat": _encode_chat,
-    "summarization": _encode_summarization,
 }

@@ -1,95 +1,144 @@
-"""A recipe's data section -> tokenized train/eval sequences: read, split, encode, filter, pack."""
+"""A recipe's data section -> train/eval sequences: built once into a cache, memory-mapped after that.
+
+`build_datasets` is the entry point. Map-style data is read, encoded, split, filtered, mixed and
+packed into Arrow files (build.py) under a cache entry keyed by every input (cache.py); training
+and eval read sequences from the memory-mapped files (store.py). Streaming data is encoded and
+packed on the fly instead (stream.py). Either way the trainer asks the bundle for
+`train_stream(...)`, an endless, resumable source of micro-batches of examples.
+"""
 
 from __future__ import annotations
 
-import random
+import os
+import sys
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import numpy as np
 
 from qtrain.config.schema import DataConfig
-from qtrain.data.formats import IGNORE_INDEX, check_fields, check_seq2seq_format, encode_row, encode_seq2seq_row
-from qtrain.data.read import read_rows
-from qtrain.errors import ConfigError, DataError
+from qtrain.data.build import DataReport, Plan, build, key_inputs, make_plan
+from qtrain.data.cache import cache_key, open_or_build
+from qtrain.data.example import Example, Seq2SeqExample
+from qtrain.data.formats import check_fields, check_seq2seq_format
+from qtrain.data.packing import pack
+from qtrain.data.sampler import MapBatches
+from qtrain.data.split import split_indices
+from qtrain.data.store import SequenceSet, TokenRows, read_sequences
+from qtrain.errors import ConfigError
+
+__all__ = ["DataBundle", "DataReport", "Example", "Seq2SeqExample", "build_datasets", "check_seq2seq_inputs",
+           "data_cache_dir", "default_num_proc", "pack", "split_indices"]
 
 
-@dataclass
-class Example:
-    """One training sequence; `labels` is -100 where no loss is taken."""
+class ExampleStream(Protocol):
+    """What the trainer iterates: micro-batches of examples, forever, with a resumable position."""
 
-    input_ids: list[int]
-    labels: list[int]
+    def __next__(self) -> list[Example]: ...
 
-    def __len__(self) -> int:
-        return len(self.input_ids)
+    def state_dict(self) -> dict[str, Any]: ...
 
-    @property
-    def trained_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
-
-
-@dataclass
-class Seq2SeqExample(Example):
-    """One encoder-decoder training pair: `input_ids` is the encoder's input, `labels` the decoder's
-    target (its own length; the decoder reads it shifted right). Its length is the encoder's."""
-
-
-@dataclass
-class DataReport:
-    """What happened to the rows on the way to sequences. Row counts cover train and eval."""
-
-    rows_read: int = 0
-    rows_dropped_overlong: int = 0
-    rows_truncated: int = 0
-    rows_dropped_no_labels: int = 0
-    train_sequences: int = 0
-    eval_sequences: int = 0
-    train_tokens: int = 0
-    trained_tokens: int = 0
-
-    def summary_line(self) -> str:
-        """One line for the CLI, e.g. `data: 1500 rows -> 310 train / 16 eval sequences; ...`."""
-        dropped = self.rows_dropped_overlong + self.rows_dropped_no_labels
-        return (f"data: {self.rows_read} rows -> {self.train_sequences} train / "
-                f"{self.eval_sequences} eval sequences; {self.train_tokens} train tokens, "
-                f"{self.trained_tokens} trained; {self.rows_truncated} truncated, "
-                f"{dropped} dropped "
-                f"({self.rows_dropped_overlong} too long, {self.rows_dropped_no_labels} "
-                f"with nothing to train)")
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
 class DataBundle:
-    train: list[Example]
-    eval: list[Example]
-    report: DataReport
+    """Train and eval data of a recipe. `train` is None when streaming (see `train_stream`)."""
+
+    train: Optional[SequenceSet]
+    eval: Sequence[Example]
+    report: Any  # DataReport, or StreamReport when streaming (both have summary_line())
+    # "built" or "cached" (with `cache_dir`, the entry), "temporary" without a cache, "streaming".
+    cache_status: str = "temporary"
+    cache_dir: Optional[Path] = None
+    streamer: Any = None  # stream.StreamPlan when streaming
+    # Batches are one padding-free row per micro-batch (see collate): decided once the model is
+    # known (train.packing_check.configure_batches).
+    flat: bool = False
+
+    @property
+    def packed(self) -> bool:
+        """Sequences hold several whole rows (batches then carry per-row position ids)."""
+        if self.streamer is not None:
+            return self.streamer.plan.packing
+        return bool(self.train is not None and self.train.packed)
+
+    def train_stream(self, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> ExampleStream:
+        """This rank's micro-batches of training examples (the global-micro-batch sharding of
+        `sampler.epoch_batches`: N ranks x b equals one process x N*b)."""
+        if self.streamer is not None:
+            return self.streamer.batches(micro_batch_size, seed, rank, world_size)
+        return MapBatches(self.train, micro_batch_size, seed, rank, world_size)
+
+    def status_line(self) -> str:
+        if self.cache_status in ("built", "cached"):
+            return f"data: {self.cache_status} ({self.cache_dir})"
+        return f"data: {self.cache_status}"
+
+    def header(self, micro_batch_size: int, flat: bool) -> str:
+        """The run header's data lines: cache, counts, and padding in batches of `micro_batch_size`."""
+        lines = [self.report.summary_line()]
+        if self.streamer is None:
+            lines.insert(0, self.status_line())
+        if self.train is not None and len(self.train):
+            padded = 0.0 if flat else padding_fraction(self.train.lengths(), micro_batch_size)
+            plain = padding_fraction(self.train.row_lengths(), micro_batch_size)
+            self.report.padding, self.report.padding_unpacked = round(padded, 4), round(plain, 4)
+            how = "padding-free (one row per micro-batch)" if flat else "padded to the longest sequence"
+            lines.append(f"batches: {how}, {100 * padded:.1f}% padding (unpacked rows padded per "
+                         f"micro-batch: {100 * plain:.1f}%)")
+        return "\n".join(lines)
 
 
-@dataclass
-class _Rows:
-    """Rows of one file, each with its 1-based row number there (kept for error messages)."""
+def padding_fraction(lengths: np.ndarray, micro_batch_size: int, seed: int = 0) -> float:
+    """Share of positions that are padding when sequences of `lengths`, in a random order, are
+    batched `micro_batch_size` at a time and padded to each batch's longest."""
+    if lengths.size == 0:
+        return 0.0
+    order = np.random.default_rng(seed).permutation(lengths.size)
+    shuffled = lengths[order].astype(np.int64)
+    n_full = shuffled.size // micro_batch_size * micro_batch_size
+    widths = shuffled[:n_full].reshape(-1, micro_batch_size).max(axis=1).sum() * micro_batch_size
+    tail = shuffled[n_full:]
+    if tail.size:
+        widths += int(tail.max()) * tail.size
+    return float(1.0 - shuffled.sum() / widths)
 
-    source: str
-    rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+
+def data_cache_dir(cfg: DataConfig, output_dir: str) -> Path:
+    """`data.cache_dir`, or `<output_dir>/data_cache`."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(output_dir) / "data_cache"
 
 
-@dataclass
-class _Counts:
-    truncated: int = 0
-    dropped_overlong: int = 0
-    dropped_no_labels: int = 0
+def default_num_proc(local_world_size: int = 1) -> int:
+    """The CPU cores this process may use, shared among the ranks on its node (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))
 
 
-def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int, *, encoder_decoder: bool = False) -> DataBundle:
-    """Read, split, encode, filter and (optionally) pack the recipe's data.
+def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int, *, encoder_decoder: bool = False,
+                   cache_dir: str | Path | None = None, progress: bool = False,
+                   local_world_size: int = 1) -> DataBundle:
+    """Read, split, encode, filter, mix and (optionally) pack the recipe's data.
 
     Args:
         cfg: the recipe's `data` section.
         tokenizer: a Hugging Face tokenizer.
-        seed: the recipe seed; fixes the eval split and the packing order.
+        seed: the recipe seed; fixes the eval split, the mixture and the packing order.
         encoder_decoder: the model is an encoder-decoder (T5 family): rows become
             `Seq2SeqExample`s (see formats.encode_seq2seq_row); data.max_len bounds the encoder
             input and the labels alike.
+        cache_dir: the cache directory (see `data_cache_dir`); None builds into a private
+            temporary directory that lives as long as the bundle.
+        progress: progress bars for the build stages.
+        local_world_size: processes on this node, which share its cores when streaming (the
+            default `data.num_proc`; a cache build has the cores to itself, the others wait).
 
     Raises:
         DataError: unreadable data, bad rows, a format the model cannot train on, or no
@@ -99,29 +148,45 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, seed: int, *, encoder_decode
     check_fields(cfg.format, cfg.fields)
     if encoder_decoder:
         check_seq2seq_inputs(cfg)
-    if not cfg.path:
-        raise DataError("data.path: not set; point it at a .jsonl/.json/.csv/.parquet file")
-    train_rows, eval_rows, rows_read = _read_and_split(cfg, seed)
+    plan = make_plan(cfg, seed, encoder_decoder)
+    if cfg.streaming:
+        from qtrain.data.stream import streaming_bundle
 
-    train, train_counts = _encode_all(train_rows, cfg, tokenizer, encoder_decoder)
-    evals, eval_counts = _encode_all(eval_rows, cfg, tokenizer, encoder_decoder)
-    if not train:
-        raise _empty_training_error(cfg, len(train_rows.rows), train_counts)
-    if cfg.packing:
-        train = pack(train, cfg.max_len, random.Random(f"{seed}:pack-train"))
-        evals = pack(evals, cfg.max_len, random.Random(f"{seed}:pack-eval"))
+        # Every rank encodes its stream at the same time: the node's cores are shared.
+        num_proc = cfg.num_proc or default_num_proc(local_world_size)
+        return streaming_bundle(cfg, plan, tokenizer, num_proc, cache_dir, progress)
+    # One process builds while the node's other ranks wait on the cache lock: it takes every core it may use.
+    num_proc = cfg.num_proc or default_num_proc()
+    return open_built(plan, tokenizer, num_proc, cache_dir, rebuild=cfg.rebuild, progress=progress)
 
-    report = DataReport(
-        rows_read=rows_read,
-        rows_dropped_overlong=train_counts.dropped_overlong + eval_counts.dropped_overlong,
-        rows_truncated=train_counts.truncated + eval_counts.truncated,
-        rows_dropped_no_labels=train_counts.dropped_no_labels + eval_counts.dropped_no_labels,
-        train_sequences=len(train),
-        eval_sequences=len(evals),
-        train_tokens=sum(len(e) for e in train),
-        trained_tokens=sum(e.trained_tokens for e in train),
-    )
-    return DataBundle(train=train, eval=evals, report=report)
+
+def open_built(plan: Plan, tokenizer: Any, num_proc: int, cache_dir: str | Path | None, *,
+               rebuild: bool = False, progress: bool = False) -> DataBundle:
+    """The bundle of `plan`'s map-style build: from the cache, or built into it first."""
+    if cache_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="qtrain-data-")
+        entry = Path(tmp.name)
+        manifest = build(entry, plan, tokenizer, num_proc, progress)
+        return _open(entry, manifest, keepalive=tmp)
+    key = cache_key(key_inputs(plan, tokenizer))
+    entry = Path(cache_dir) / key
+
+    def waiting() -> None:
+        if progress:
+            print(f"data: waiting for another process to build {entry}", file=sys.stderr, flush=True)
+
+    bundle, status = open_or_build(Path(cache_dir), key, lambda out: build(out, plan, tokenizer, num_proc, progress),
+                                   _open, rebuild=rebuild, on_wait=waiting)
+    bundle.cache_status, bundle.cache_dir = status, entry
+    return bundle
+
+
+def _open(entry: Path, manifest: dict[str, Any], keepalive: Any = None) -> DataBundle:
+    rows = TokenRows([entry / name for name in manifest["token_files"]])
+    packed, seq2seq = manifest["packing"], manifest["seq2seq"]
+    train, held = (SequenceSet(rows, *read_sequences(entry / f"{name}.arrow"), packed=packed, seq2seq=seq2seq,
+                               keepalive=keepalive) for name in ("train", "eval"))
+    return DataBundle(train=train, eval=held, report=DataReport(**manifest["report"]))
 
 
 def check_seq2seq_inputs(cfg: DataConfig) -> None:
@@ -130,90 +195,3 @@ def check_seq2seq_inputs(cfg: DataConfig) -> None:
     if cfg.packing:
         raise ConfigError("data.packing: an encoder-decoder model (T5 family) trains on one prompt -> answer pair "
                           "per sequence, and packing would glue rows together; set data.packing: false")
-
-
-def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Hold out `fraction` of range(n) for eval, chosen by `seed`; both lists in file order.
-
-    With fraction > 0 and n >= 2, eval gets at least one row and train keeps at least one.
-    """
-    if fraction <= 0 or n < 2:
-        return list(range(n)), []
-    n_eval = min(n - 1, max(1, round(n * fraction)))
-    held_out = set(random.Random(f"{seed}:eval-split").sample(range(n), n_eval))
-    train = [i for i in range(n) if i not in held_out]
-    return train, sorted(held_out)
-
-
-def pack(examples: Sequence[Example], max_len: int, rng: random.Random) -> list[Example]:
-    """Concatenate examples (in an order shuffled by `rng`) and cut into max_len blocks.
-
-    Every block is exactly max_len tokens except possibly the last. A block with no trained
-    label (all -100) is left out: it would add compute and no loss.
-    """
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    ids = [t for i in order for t in examples[i].input_ids]
-    labels = [t for i in order for t in examples[i].labels]
-    starts = range(0, len(ids), max_len)
-    blocks = (Example(ids[s:s + max_len], labels[s:s + max_len]) for s in starts)
-    return [b for b in blocks if b.trained_tokens > 0]
-
-
-def _read_and_split(cfg: DataConfig, seed: int) -> tuple[_Rows, _Rows, int]:
-    main = _read(cfg.path, "data.path")
-    if cfg.eval_path:
-        held = _read(cfg.eval_path, "data.eval_path")
-        return main, held, len(main.rows) + len(held.rows)
-    train_idx, eval_idx = split_indices(len(main.rows), cfg.eval_split, seed)
-    train = _Rows(cfg.path, [main.rows[i] for i in train_idx])
-    held = _Rows(cfg.path, [main.rows[i] for i in eval_idx])
-    return train, held, len(main.rows)
-
-
-def _read(path: str, key: str) -> _Rows:
-    dataset = read_rows(path, key=key)
-    try:
-        rows = dataset.to_list()  # strings are decoded here, lazily, not when the file is read
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start} of a value); "
-                        f"re-save the file as UTF-8 or fix the bad rows ({key})") from None
-    return _Rows(path, list(enumerate(rows, start=1)))
-
-
-def _encode_all(rows: _Rows, cfg: DataConfig, tokenizer: Any,
-                encoder_decoder: bool = False) -> tuple[list[Example], _Counts]:
-    counts = _Counts()
-    out = []
-    encode, make = (encode_seq2seq_row, Seq2SeqExample) if encoder_decoder else (encode_row, Example)
-    for number, row in rows.rows:
-        ids, labels = encode(row, cfg.format, tokenizer, cfg.fields, source=rows.source, row_number=number)
-        if max(len(ids), len(labels)) > cfg.max_len:
-            if cfg.overlong == "drop":
-                counts.dropped_overlong += 1
-                continue
-            ids, labels = ids[:cfg.max_len], labels[:cfg.max_len]
-            counts.truncated += 1
-        example = make(ids, labels)
-        if example.trained_tokens == 0:
-            counts.dropped_no_labels += 1
-            continue
-        out.append(example)
-    return out, counts
-
-
-def _empty_training_error(cfg: DataConfig, n_rows: int, counts: _Counts) -> DataError:
-    reasons = []
-    fixes = []
-    if counts.dropped_overlong:
-        reasons.append(f"{counts.dropped_overlong} longer than data.max_len={cfg.max_len} "
-                       "(data.overlong: drop)")
-        fixes.append("raise data.max_len or set data.overlong: truncate")
-    if counts.dropped_no_labels:
-        trunc = " after truncation to data.max_len" if counts.truncated else ""
-        reasons.append(f"{counts.dropped_no_labels} with no tokens left to train{trunc}")
-        fixes.append("raise data.max_len so responses fit" if counts.truncated
-                     else "make sure rows have a response / assistant turn")
-    why = "; ".join(reasons) or "none"
-    return DataError(f"{cfg.path}: no training sequences left: {n_rows} rows read for training, "
-                     f"all dropped ({why}); {' or '.join(fixes) or 'add rows'}")

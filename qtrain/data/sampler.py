@@ -1,9 +1,9 @@
-"""Deterministic, rank-sharded micro-batches of dataset indices, resumable mid-epoch."""
+"""Deterministic, rank-sharded micro-batches of dataset indices (and of examples), resumable mid-epoch."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from qtrain.errors import DataError
 
 
-def epoch_batches(n_items: int, micro_batch_size: int, seed: int, epoch: int,
+def epoch_batches(n_items: int, micro_batch_size: int, seed: int, epoch: int | str,
                   rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """This rank's micro-batches of indices for one epoch.
 
@@ -51,11 +51,19 @@ def _check_args(micro_batch_size: int, rank: int, world_size: int) -> None:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # A hash rather than e.g. seed + epoch, so that (seed, epoch) pairs never share a
-    # permutation; blake2b (unlike hash()) is the same in every process.
-    digest = hashlib.blake2b(f"qtrain:{seed}:{epoch}".encode(), digest_size=8).digest()
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from `parts` (e.g. the recipe seed and a purpose), the same in every process.
+
+    A hash rather than e.g. seed + epoch, so that distinct parts never share a stream;
+    blake2b (unlike hash()) does not change between processes.
+    """
+    text = "qtrain:" + ":".join(map(str, parts))
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _epoch_seed(seed: int, epoch: int | str) -> int:
+    return derive_seed(seed, epoch)
 
 
 class BatchStream:
@@ -116,3 +124,32 @@ class BatchStream:
                             f"epoch {epoch}'s {len(batches)} micro-batches; the saved state does "
                             "not belong to this data and batch size")
         self.epoch, self.position, self._batches = epoch, position, batches
+
+
+class MapBatches:
+    """Micro-batches of examples from a sequence-like data set (`len`, `[i]`), sharded by `BatchStream`.
+
+    This is what the trainer iterates (`DataBundle.train_stream`); the streaming data set has
+    the same interface, so the loop does not know which one it reads.
+    """
+
+    def __init__(self, sequences: Sequence[Any], micro_batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.sequences = sequences
+        self.indices = BatchStream(len(sequences), micro_batch_size, seed, rank, world_size)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return self
+
+    def __next__(self) -> list[Any]:
+        return [self.sequences[i] for i in next(self.indices)]
+
+    def state_dict(self) -> dict[str, int]:
+        return self.indices.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") == "stream":
+            raise DataError("cannot resume the data order: the checkpoint was saved while streaming "
+                            "(data.streaming: true) and this run reads map-style data; resume with the same "
+                            "data settings, or start a new run")
+        self.indices.load_state_dict(state)

@@ -13,6 +13,8 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    # Processes on this node (torchrun: LOCAL_WORLD_SIZE, deepspeed: LOCAL_SIZE): they share its CPU cores.
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -31,4 +33,5 @@ def read_env() -> DistEnv:
         rank=int(os.environ.get("RANK", 0)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))),
     )

@@ -13,6 +13,7 @@ go to the recipe's `output_dir`:
     <output_dir>/<variant>/       its recipe.yaml, training run (adapter/ or model/, metrics, summary), eval.json
     <output_dir>/base/            the base variant's eval.json and eval_generations.jsonl
     <output_dir>/base_model/      the shared random-init base (with model.from_config)
+    <output_dir>/data_cache/      the data, tokenized once for every variant
     <output_dir>/report.md, compare.json, loss_curves.png, rouge.png, rouge_vs_trainable.png
 """
 
@@ -54,8 +55,10 @@ def variant_dir(variant: str) -> str:
 
 
 def shared_base(recipe: Recipe, out: Path) -> dict[str, Any]:
-    """Point every variant at one base: a `from_config` base is written once, under the compare dir."""
-    return {"model.base_dir": str(out / "base_model")} if recipe.model.from_config is not None else {}
+    """Point every variant at one base and one data cache: a `from_config` base is written once, and
+    the data tokenized once, under the compare dir."""
+    keys = {"model.base_dir": str(out / "base_model")} if recipe.model.from_config is not None else {}
+    return {**keys, **({"data.cache_dir": str(out / "data_cache")} if recipe.data.cache_dir is None else {})}
 
 
 def variant_data(raw: dict, variant: str, recipe: Recipe, out: Path) -> dict:

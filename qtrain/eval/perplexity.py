@@ -1,6 +1,6 @@
 """Eval loss and perplexity: the mean NLL over every trained token of the eval split.
 
-`nll_sum` is the one batched, token-weighted loop; training's periodic eval
+`qtrain.train.loss.nll_sum` is the one batched, token-weighted loop; training's periodic eval
 (`qtrain.train.loop.evaluate`) and `qtrain eval` (`eval_loss`) both run it, with their own
 batching and loss function.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -17,9 +16,9 @@ import torch
 from torch import nn
 
 from qtrain.data import collate
-from qtrain.data.pipeline import Example
+from qtrain.data.example import Example
 from qtrain.models.arch import collate_start_id
-from qtrain.train.loss import batch_logits, batch_loss_sum, batch_trained_tokens
+from qtrain.train.loss import batch_logits, batch_loss_sum, nll_sum
 
 Batch = dict[str, torch.Tensor]
 
@@ -43,30 +42,13 @@ def perplexity_of(loss: float) -> float:
         return math.inf
 
 
-def nll_sum(chunks: Iterable[Sequence[Example]], to_batch: Callable[[Sequence[Example]], Batch],
-            loss_sum: Callable[[Batch], torch.Tensor],
-            stop: Callable[[], bool] = lambda: False) -> Optional[tuple[float, int]]:
-    """(summed NLL, trained tokens) over the batches of `chunks`; None if `stop()` turns true first.
-
-    Each chunk becomes a device batch through `to_batch`; `loss_sum(batch)` is its token-sum loss
-    and `batch_trained_tokens` counts the tokens it is over, for the batch's architecture.
-    """
-    total, count = 0.0, 0
-    for chunk in chunks:
-        if stop():
-            return None
-        batch = to_batch(chunk)
-        total += float(loss_sum(batch))
-        count += batch_trained_tokens(batch)
-    return total, count
-
-
 @torch.inference_mode()
 def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
-              device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> LossResult:
+              device: torch.device, autocast_dtype: Optional[torch.dtype] = None, *, flat: bool = False) -> LossResult:
     """Token-weighted mean NLL over `examples` (labels -100 are not counted), as training's eval does.
 
-    Works for decoder-only and encoder-decoder models alike (the examples were built for the model).
+    Works for decoder-only and encoder-decoder models alike (the examples were built for the model);
+    `flat`: padding-free batches (see data.collate).
     """
     if not examples:
         raise ValueError("eval_loss needs at least one example")
@@ -74,7 +56,7 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_
     start = collate_start_id(model)
 
     def to_batch(chunk: Sequence[Example]) -> Batch:
-        return {k: v.to(device) for k, v in collate(chunk, pad_id, start).items()}
+        return {k: v.to(device) for k, v in collate(chunk, pad_id, start, flat=flat).items()}
 
     def loss_sum(batch: Batch) -> torch.Tensor:
         with autocast_context(device, autocast_dtype):

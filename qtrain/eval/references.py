@@ -1,9 +1,10 @@
 """The eval split's prompts and reference answers, for generation metrics (ROUGE).
 
-The split is the one `qtrain.data.build_datasets` holds out (same file, same `split_indices`,
-same seed, or `data.eval_path`), and each prompt is encoded by the format's own encoder, so the
-model sees exactly the prompt it was trained to continue (for an encoder-decoder model: exactly
-the encoder input it was trained on, cut to data.max_len as training cut it).
+The split is the one `qtrain.data.build_datasets` holds out (`qtrain.data.held_out_rows`: same
+files, same `split_indices`, same seed, or `data.eval_path`), and each prompt is encoded by the
+format's own encoder, so the model sees exactly the prompt it was trained to continue (for an
+encoder-decoder model: exactly the encoder input it was trained on, cut to data.max_len as
+training cut it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qtrain.config.schema import DataConfig
-from qtrain.data import IGNORE_INDEX, encode_row, encode_seq2seq_row, read_rows, split_indices
+from qtrain.data import IGNORE_INDEX, encode_row, encode_seq2seq_row, held_out_rows
 
 # Formats whose rows carry one reference answer, and the field that holds it.
 ANSWER_FIELD = {"instruction": "response", "summarization": "summary"}
@@ -33,25 +34,16 @@ class References:
     skipped_long_prompts: int
 
 
-def eval_rows(cfg: DataConfig, seed: int) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
-    """(source file, [(row number, row)]) of the eval split."""
-    if cfg.eval_path:
-        return cfg.eval_path, list(enumerate(read_rows(cfg.eval_path, key="data.eval_path").to_list(), start=1))
-    rows = read_rows(cfg.path, key="data.path").to_list()
-    _, held_out = split_indices(len(rows), cfg.eval_split, seed)
-    return cfg.path, [(i + 1, rows[i]) for i in held_out]
-
-
 def references(cfg: DataConfig, tokenizer, seed: int, encoder_decoder: bool = False) -> References:
     """Prompts + reference answers of the eval split; empty for formats without a single answer."""
     answer = ANSWER_FIELD.get(cfg.format)
     if answer is None:
         return References([], 0)
-    source, rows = eval_rows(cfg, seed)
+    rows = held_out_rows(cfg, seed)
     if encoder_decoder:
-        return _encoder_references(cfg, tokenizer, source, rows, answer)
+        return _encoder_references(cfg, tokenizer, rows, answer)
     out, skipped = [], 0
-    for number, row in rows:
+    for source, number, row in rows:
         ids, labels = encode_row(row, cfg.format, tokenizer, cfg.fields, source=source, row_number=number)
         n_prompt = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
         if n_prompt >= cfg.max_len:
@@ -61,11 +53,11 @@ def references(cfg: DataConfig, tokenizer, seed: int, encoder_decoder: bool = Fa
     return References(out, skipped)
 
 
-def _encoder_references(cfg: DataConfig, tokenizer, source: str, rows: list[tuple[int, dict[str, Any]]],
+def _encoder_references(cfg: DataConfig, tokenizer, rows: list[tuple[str, int, dict[str, Any]]],
                         answer: str) -> References:
     """Encoder inputs + reference answers for an encoder-decoder model."""
     out, skipped = [], 0
-    for number, row in rows:
+    for source, number, row in rows:
         ids, labels = encode_seq2seq_row(row, cfg.format, tokenizer, cfg.fields, source=source, row_number=number)
         if max(len(ids), len(labels)) > cfg.max_len and cfg.overlong == "drop":
             skipped += 1

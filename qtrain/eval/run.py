@@ -23,7 +23,7 @@ from torch import nn
 
 from qtrain.checkpoint.atomic import atomic_write_text
 from qtrain.config.schema import Recipe
-from qtrain.data import build_datasets
+from qtrain.data import build_datasets, data_cache_dir
 from qtrain.distributed.env import read_env
 from qtrain.errors import CheckpointError, ConfigError, DataError
 from qtrain.eval.perplexity import autocast_context, eval_loss
@@ -38,7 +38,9 @@ from qtrain.models.load import load_model
 from qtrain.models.tokenizer import load_tokenizer
 from qtrain.peft.registry import method_for
 from qtrain.quant.nf4 import NF4Spec
-from qtrain.train.setup import DTYPES, autocast_dtype, kernel_backend, resolve_base_dir
+from qtrain.models.precision import Precision, resolve_precision
+from qtrain.train.packing_check import configure_batches
+from qtrain.train.setup import autocast_dtype, kernel_backend, resolve_base_dir
 
 
 @dataclass
@@ -81,9 +83,10 @@ def full_model_dir(recipe: Recipe, opts: EvalOptions) -> Optional[Path]:
     return path
 
 
-def build_eval_model(recipe: Recipe, base_dir: Path, adapter: Optional[Path], device: torch.device) -> nn.Module:
+def build_eval_model(recipe: Recipe, base_dir: Path, adapter: Optional[Path], device: torch.device,
+                     precision: Precision) -> nn.Module:
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
-    model = load_model(base_dir, DTYPES[recipe.model.dtype], device, spec, kernel_backend(recipe),
+    model = load_model(base_dir, precision.dtype, device, spec, kernel_backend(recipe),
                        recipe.model.trust_remote_code)
     adapters = AdapterSet(model)
     if adapter is not None:
@@ -119,21 +122,26 @@ def evaluate_recipe(recipe: Recipe, opts: EvalOptions, recipe_path: str = "recip
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path,
                                trust_remote_code=recipe.model.trust_remote_code)
     encoder_decoder = is_encoder_decoder(recipe.model)
-    data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=encoder_decoder)
+    data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=encoder_decoder,
+                          cache_dir=data_cache_dir(recipe.data, recipe.output_dir))
     if not data.eval:
-        raise DataError(f"{recipe.data.path}: the eval split is empty; set data.eval_split > 0 or data.eval_path")
+        raise DataError(f"{recipe.data.path or 'data.mix'}: the eval split is empty; "
+                        "set data.eval_split > 0 or data.eval_path")
     refs = (references(recipe.data, tokenizer, recipe.seed, encoder_decoder) if opts.generate
             else References([], 0))
     if opts.max_gen_rows is not None:
         refs.rows = refs.rows[: opts.max_gen_rows]
     base_dir = trained_dir or resolve_base_dir(recipe, tokenizer)
-    model = build_eval_model(recipe, base_dir, adapter, device)
-    amp = autocast_dtype(recipe)
-    loss = eval_loss(model, data.eval, tokenizer.pad_token_id, batch, device, amp)
+    precision = resolve_precision(recipe.model.dtype, device)
+    model = build_eval_model(recipe, base_dir, adapter, device, precision)
+    amp = autocast_dtype(recipe, precision)
+    configure_batches(data, recipe.data.padding_free, model, device, amp)
+    loss = eval_loss(model, data.eval, tokenizer.pad_token_id, batch, device, amp, flat=data.flat)
     _say(f"eval: loss {loss.loss:.4f}, perplexity {loss.perplexity:.3f} over {loss.tokens} tokens")
     report = {
         "recipe": recipe_path, "adapter": str(adapter) if adapter else None, "base": str(base_dir),
         "quant": recipe.quant.method, "dtype": recipe.model.dtype,
+        "compute_dtype": precision.name, "compute_dtype_reason": precision.reason,
         "eval_loss": loss.loss, "perplexity": loss.perplexity, "eval_tokens": loss.tokens,
         "eval_sequences": loss.sequences, "rouge": None, "generation": None,
     }

@@ -63,7 +63,26 @@ def write_random_base(from_config: dict[str, Any], tokenizer, seed: int, dtype: 
         torch.manual_seed(seed)
         model = auto_model_class(config).from_config(config, dtype=dtype)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        save_hf_dir(model, dtype, tmp)
         tokenizer.save_pretrained(str(tmp))
         (tmp / FINGERPRINT).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def save_hf_dir(model, dtype: torch.dtype, out: Path) -> None:
+    """config.json (+ generation_config.json) and one model.safetensors, as `save_pretrained` writes a small
+    model: tied aliases (`lm_head.weight` of `embed_tokens`) are left out and re-tied at load.
+
+    Written here rather than with `save_pretrained`, which unwraps the model through accelerate, and that
+    imports DeepSpeed whenever it is installed: a plain CPU run then printed DeepSpeed's accelerator warning
+    and paid its import time.
+    """
+    from safetensors.torch import save_file
+
+    tied = set(model.all_tied_weights_keys)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    model.config.dtype = dtype
+    model.config.save_pretrained(str(out))
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(str(out))
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

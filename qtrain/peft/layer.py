@@ -80,10 +80,16 @@ def freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def target_names(model: nn.Module, targets: Union[list[str], str], default: Callable[[], list[str]],
+                 linear_types: tuple[type, ...] = LINEAR_TYPES) -> list[str]:
+    """Names of the linears `targets` picks, after resolving auto (`default()`) / all-linear."""
+    return find_targets(model, resolve_targets(model, targets, default, linear_types), linear_types)
+
+
 def wrap_targets(model: nn.Module, targets: Union[list[str], str], default: Callable[[], list[str]],
                  make: Callable[[str, nn.Module], nn.Module]) -> list[str]:
     """Replace every linear matching `targets` (after resolving auto / all-linear) by `make(name, linear)`."""
-    names = find_targets(model, resolve_targets(model, targets, default, LINEAR_TYPES), LINEAR_TYPES)
+    names = target_names(model, targets, default)
     for name in names:
         model.set_submodule(name, make(name, model.get_submodule(name)))
     return names

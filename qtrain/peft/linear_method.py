@@ -9,7 +9,7 @@ here, once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from qtrain.config.schema import PeftConfig
 from qtrain.errors import CheckpointError
 from qtrain.models.arch_spec import arch_spec
-from qtrain.peft.layer import LINEAR_TYPES, AdaptedLinear, freeze, wrap_targets
+from qtrain.peft.layer import LINEAR_TYPES, AdaptedLinear, freeze, target_names, wrap_targets
 from qtrain.peft.method import Method
 from qtrain.peft.multi_linear import LinearEntry, base_linears, wrap_linear
 from qtrain.peft.targets import matches, resolve_targets
@@ -45,6 +45,11 @@ class LinearMethod(Method):
     def default_targets(self, model: nn.Module) -> Callable[[], list[str]]:
         """`peft.targets: auto`: every attention and FFN projection of the model's architecture."""
         return lambda: arch_spec(model, "peft.targets: auto").default_targets()
+
+    def target_names(self, model: nn.Module, targets: Union[list[str], str],
+                     linear_types: tuple[type, ...] = LINEAR_TYPES) -> list[str]:
+        """The linears of `model` that `targets` adapts (what inject wraps; the planner reads it off a skeleton)."""
+        return target_names(model, targets, self.default_targets(model), linear_types)
 
     def context(self, model: nn.Module, cfg: PeftConfig) -> Any:
         """Whatever make_layer needs that depends on the whole model (resolved once per inject/attach)."""

@@ -112,13 +112,26 @@ def attach(model: nn.Module, adapter: SequenceAdapter) -> None:
     model.add_module(ATTR, adapter)
 
 
+PACKED_REFUSAL = ("prompt/prefix tuning puts its virtual positions before each row, which packed or padding-free "
+                  "batches (several rows in one, told apart by position_ids) cannot hold; set data.packing: false "
+                  "and data.padding_free: false")
+
+
 def prepare_call(model: nn.Module, kwargs: dict, generation: bool = False) -> tuple[dict, int]:
     """(kwargs for `model(**kwargs)`, virtual positions prepended to the output) with the model's
-    sequence method applied; the kwargs unchanged and 0 without one."""
+    sequence method applied; the kwargs unchanged and 0 without one.
+
+    Raises:
+        ConfigError: an active adapter met a packed or padding-free batch (one with position_ids):
+            its rows are segments of one sequence, and virtual positions would go before the first only.
+    """
     adapter = sequence_adapter(model)
     if adapter is None:
         return kwargs, 0
-    return adapter.transform(unwrap(model), kwargs, generation)
+    call, virtual = adapter.transform(unwrap(model), kwargs, generation)
+    if call is not kwargs and "position_ids" in kwargs:
+        raise ConfigError(PACKED_REFUSAL)
+    return call, virtual
 
 
 def model_logits(model: nn.Module, kwargs: dict) -> torch.Tensor:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from qtrain.checkpoint import store
+from qtrain.checkpoint.space import checkpoint_mib, disk_full_stop
 from qtrain.checkpoint.train_state import save_rank_state, save_shared_state
-from qtrain.data import BatchStream
+from qtrain.data.pipeline import ExampleStream
 from qtrain.distributed import ddp
 from qtrain.distributed import deepspeed as ds
 from qtrain.train.faults import FaultPlan
 from qtrain.train.setup import Session
 
 
-def trainer_state(s: Session, run_state: dict, stream: BatchStream) -> dict:
+def trainer_state(s: Session, run_state: dict, stream: ExampleStream) -> dict:
     return {"step": run_state["step"], "scheduler": s.scheduler.state_dict(), "data": stream.state_dict(),
-            "run": run_state, "world_size": s.env.world_size, "seed": s.recipe.seed}
+            "run": run_state, "world_size": s.env.world_size, "seed": s.recipe.seed, "scaler": s.scaler.state_dict()}
 
 
 def checkpoint_optimizer(s: Session):
@@ -23,7 +24,25 @@ def checkpoint_optimizer(s: Session):
     return ds.ShardedOptimizer(ds.zero_stage(s.engine), s.env.world_size)
 
 
-def save_checkpoint(s: Session, run_state: dict, stream: BatchStream, faults: FaultPlan) -> None:
+def checkpoint_size_mib(s: Session) -> float:
+    return checkpoint_mib(sum(p.numel() for p in s.model.parameters() if p.requires_grad), s.recipe.train.optimizer)
+
+
+def newest_checkpoint_text(out) -> str:
+    steps = store.committed_steps(out)
+    return f"{steps[0][1].name} is the newest complete checkpoint" if steps else "no checkpoint was saved yet"
+
+
+def save_checkpoint(s: Session, run_state: dict, stream: ExampleStream, faults: FaultPlan) -> None:
+    """Save every part of the step's state inside the commit protocol; a full disk stops the run cleanly."""
+    step = run_state["step"]
+    out = s.recipe.output_dir
+    with disk_full_stop(f"checkpoint step-{step}", store.checkpoints_root(out), checkpoint_size_mib(s),
+                        newest_checkpoint_text(out), cleanup=lambda: store.abort(out, step)):
+        _save(s, run_state, stream, faults)
+
+
+def _save(s: Session, run_state: dict, stream: ExampleStream, faults: FaultPlan) -> None:
     step = run_state["step"]
     out = s.recipe.output_dir
     # All ranks write into one temporary dir: rank 0 creates it, each adds its RNG state, and

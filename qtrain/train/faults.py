@@ -4,12 +4,15 @@ QTRAIN_FAULT is a comma-separated list of:
   kill@step:N[:rank:R]        SIGKILL this process right after optimizer step N (before any save)
   raise@step:N[:rank:R]       raise an exception (a crashing rank) right after optimizer step N
   crash@save:after-file:K     die abruptly (exit 137) during a checkpoint save, after its K-th file
+  enospc@save:after-file:K    fail with "No space left on device" during a save, after its K-th file
   nan@step:N[:rank:R]         make step N's loss NaN (exercises the non-finite guard)
+  overflow@step:N[:rank:R]    multiply step N's backward by 2^100 (fp16: the gradients overflow, the loss stays finite)
   signal@step:N:NAME[:rank:R] send signal NAME (TERM, USR1) to this process after step N
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ def parse(spec: str | None) -> list[Fault]:
         kind, _, rest = item.partition("@")
         parts = rest.split(":")
         rank = int(parts[parts.index("rank") + 1]) if "rank" in parts else None
-        if kind == "crash":
+        if kind in ("crash", "enospc"):
             faults.append(Fault(kind, "save", int(parts[2])))
         elif kind == "signal":
             faults.append(Fault(kind, "step", int(parts[1]), rank, parts[2]))
@@ -52,6 +55,9 @@ class FaultPlan:
     def poison_loss(self, step: int) -> bool:
         return self._at("nan", step) is not None
 
+    def backward_factor(self, step: int) -> float:
+        return 2.0 ** 100 if self._at("overflow", step) is not None else 1.0
+
     def after_step(self, step: int) -> None:
         if self._at("raise", step):
             raise RuntimeError(f"QTRAIN_FAULT: injected crash on rank {self.rank} after step {step}")
@@ -65,3 +71,5 @@ class FaultPlan:
         self._files_saved += 1
         if any(f.kind == "crash" and self._files_saved == f.value for f in self.faults):
             os._exit(137)
+        if any(f.kind == "enospc" and self._files_saved == f.value for f in self.faults):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

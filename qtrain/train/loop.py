@@ -8,21 +8,21 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from qtrain.data import BatchStream, collate
+from qtrain.data import Example, collate
+from qtrain.data.pipeline import ExampleStream
 from qtrain.distributed import ddp
 from qtrain.distributed import deepspeed as ds
 from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
-from qtrain.eval.perplexity import nll_sum
 from qtrain.models.arch import collate_start_id
 from qtrain.peft.registry import method_for
 from qtrain.train.checkpointing import save_checkpoint
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import PreemptFlag
 from qtrain.train.loss import (batch_logits, batch_loss_sum, batch_trained_tokens, causal_lm_loss_sum_fused,
-                               is_seq2seq_batch)
+                               is_seq2seq_batch, nll_sum)
 from qtrain.train.metrics import MetricsLog
+from qtrain.train.progress import Progress
 from qtrain.train.setup import Session
 
 
@@ -35,6 +35,7 @@ class RunState:
     last_eval_loss: float | None = None
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
+    loss_scale_overflows: int = 0
     step_times: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
 
@@ -55,6 +56,8 @@ class StepResult:
     tokens: int
     seconds: float
     skipped: bool
+    # fp16 loss scaling: the gradients overflowed at the current scale (skipped; the scale backs off).
+    overflow: bool = False
 
 
 def _autocast(s: Session):
@@ -69,12 +72,14 @@ def _batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def _collate(s: Session, examples) -> dict[str, torch.Tensor]:
     """A device batch of `examples` (decoder-only, or encoder-decoder pairs for a T5-family model)."""
-    return _batch_to(collate(examples, s.tokenizer.pad_token_id, collate_start_id(s.model)), s.device)
+    return _batch_to(collate(examples, s.tokenizer.pad_token_id, collate_start_id(s.model), flat=s.data.flat), s.device)
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real tokens the model processed: the input's, plus an encoder-decoder's decoder targets."""
-    tokens = int(batch["attention_mask"].sum())
+    """Real tokens the model processed: the input's, plus an encoder-decoder's decoder targets.
+
+    A padding-free batch has no attention mask: every position is a real token."""
+    tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     if is_seq2seq_batch(batch):
         tokens += batch_trained_tokens(batch)
     return tokens
@@ -104,14 +109,15 @@ def _accumulating(s: Session, last: bool):
     return ddp.no_sync(s.forward_model, skip=not last)
 
 
-def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False) -> StepResult:
+def train_step(s: Session, micro_batches: list[list[Example]], poison: bool = False,
+               backward_factor: float = 1.0) -> StepResult:
     """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their trained tokens.
 
     A non-finite loss or gradient norm skips `optimizer.step` (and the schedule): the adapter
     keeps its last good values; the caller applies the recipe's policy.
     """
     t0 = time.perf_counter()
-    batches = [_collate(s, [s.data.train[i] for i in idx]) for idx in micro_batches]
+    batches = [_collate(s, examples) for examples in micro_batches]
     local_trained = sum(batch_trained_tokens(b) for b in batches)
     (global_trained,) = ddp.all_reduce_sum([float(local_trained)], s.device)
     n_trained = max(1.0, global_trained)
@@ -130,29 +136,31 @@ def train_step(s: Session, micro_batches: list[list[int]], poison: bool = False)
             if s.engine is not None:
                 ds.backward_and_step(s.engine, objective)
             else:
-                objective.backward()
+                s.scaler.scale(objective * backward_factor).backward()
         total += float(loss_sum.detach())
     (total,) = ddp.all_reduce_sum([total], s.device)
     loss = total / n_trained
+    overflow = False
     if s.engine is not None:
         # DeepSpeed's step already ran at the boundary: it clipped, and skipped the update if any
         # rank's gradients were non-finite (a NaN/inf loss makes them so).
         grad_norm, applied = ds.step_outcome(s.engine)
         finite = applied and math.isfinite(loss)
     else:
+        s.scaler.unscale(s.optimizer)  # fp16: clip and judge the true gradients, not the scaled ones
         params = [p for g in s.optimizer.param_groups for p in g["params"]]
         clip = s.recipe.train.grad_clip if s.recipe.train.grad_clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        overflow = s.scaler.overflowed(math.isfinite(loss), math.isfinite(grad_norm))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            s.optimizer.step()
+        s.scaler.step(s.optimizer, apply=finite)
         s.optimizer.zero_grad(set_to_none=True)
     if finite:
         s.scheduler.step()
     tokens = sum(batch_tokens(b) for b in batches)
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
-    return StepResult(loss, grad_norm, tokens, time.perf_counter() - t0, skipped=not finite)
+    return StepResult(loss, grad_norm, tokens, time.perf_counter() - t0, skipped=not finite, overflow=overflow)
 
 
 @torch.no_grad()
@@ -189,51 +197,69 @@ def _nonfinite(s: Session, state: RunState, result: StepResult) -> None:
             f"{state.nonfinite_in_row} in a row); the last good state is saved", EXIT_NONFINITE)
 
 
-def run_loop(s: Session, state: RunState, stream: BatchStream, log: MetricsLog, flag: PreemptFlag,
+def _skipped_step(s: Session, state: RunState, result: StepResult, stream: ExampleStream,
+                  faults: FaultPlan) -> None:
+    """Book a step whose update was not applied: an fp16 overflow (expected now and then; the scale
+    backs off) or a non-finite loss/gradient (the recipe's policy). Stopping saves the last good state."""
+    try:
+        if result.overflow:
+            state.loss_scale_overflows += 1
+            if s.scaler.collapsed:
+                raise TrainingStopped(
+                    f"fp16 gradients overflowed {s.scaler.overflows_in_row} steps in a row (loss scale now "
+                    f"{s.scaler.get_scale():g}): they are not finite at any scale; the last good state is saved",
+                    EXIT_NONFINITE)
+        else:
+            _nonfinite(s, state, result)
+    except TrainingStopped:
+        save_checkpoint(s, state.to_json(), stream, faults)
+        raise
+
+
+def run_loop(s: Session, state: RunState, stream: ExampleStream, log: MetricsLog, flag: PreemptFlag,
              faults: FaultPlan) -> RunState:
     cfg = s.recipe
-    bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", unit="step",
-               disable=not (cfg.logging.progress and s.env.is_main), dynamic_ncols=True)
+    progress = Progress(cfg.train.max_steps, state.step, enabled=cfg.logging.progress and s.env.is_main)
     try:
         while state.step < cfg.train.max_steps:
             lr = s.scheduler.get_last_lr()[0]
             result = train_step(s, [next(stream) for _ in range(cfg.train.grad_accum)],
-                                poison=faults.poison_loss(state.step + 1))
+                                poison=faults.poison_loss(state.step + 1),
+                                backward_factor=faults.backward_factor(state.step + 1))
             state.step += 1
+            progress.update(result.loss, lr)
             state.step_times.append(result.seconds)
             state.tokens.append(result.tokens)
             record = {"step": state.step, "loss": round(result.loss, 6), "lr": lr,
                       "grad_norm": round(result.grad_norm, 6), "tokens_per_s": round(result.tokens / result.seconds, 2)}
+            if s.scaler.enabled:
+                record["loss_scale"] = s.scaler.get_scale()
             if result.skipped:
-                record["skipped"] = True
+                record["skipped"] = "loss_scale_overflow" if result.overflow else "nonfinite"
             else:
                 state.last_loss = result.loss
                 state.nonfinite_in_row = 0
             faults.after_step(state.step)
             preempted = ddp.any_rank(bool(flag), s.device)  # every rank stops at the same step
             if result.skipped:
-                if s.env.is_main:
+                if s.env.is_main:  # logged before the policy can stop the run
                     log.write(record)
-                try:
-                    _nonfinite(s, state, result)
-                except TrainingStopped:
-                    save_checkpoint(s, state.to_json(), stream, faults)
-                    raise
-                continue
+                    progress.line(record)
+                _skipped_step(s, state, result, stream, faults)
             every = cfg.train.eval_every_steps
             if every and state.step % every == 0:
                 state.last_eval_loss = evaluate(s, flag)
                 record["eval_loss"] = state.last_eval_loss
-            if s.env.is_main and (state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps):
+            logged_step = state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps
+            if s.env.is_main and logged_step and not result.skipped:
                 log.write(record)
+                progress.line(record)
             ck = cfg.checkpoint.every_steps
             if preempted or state.step == cfg.train.max_steps or (ck and state.step % ck == 0):
                 save_checkpoint(s, state.to_json(), stream, faults)
             if preempted:
                 raise TrainingStopped(f"preempted by signal {flag.signal or 'on another rank'}; saved step {state.step}; "
                                       "run the same command to resume", EXIT_PREEMPTED)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
-            bar.update(1)
     finally:
-        bar.close()
+        progress.close()
     return state

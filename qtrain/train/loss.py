@@ -8,6 +8,9 @@ right one from the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,13 +36,28 @@ def batch_trained_tokens(batch: dict[str, torch.Tensor]) -> int:
     return count_trained_tokens(batch["labels"], encoder_decoder=is_seq2seq_batch(batch))
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
+    """The keyword arguments a collated batch is run with.
+
+    A batch with `position_ids` (packed rows, or a padding-free flat row) goes in with them and
+    WITHOUT an attention mask: that is what makes transformers build a block-diagonal mask from
+    the position ids (flash-attention: varlen), so rows never attend to each other. Any padding
+    in such a batch trails its row as its own segment, invisible to the real tokens.
+    """
+    kwargs: dict[str, torch.Tensor | bool] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    if is_seq2seq_batch(batch):
+        kwargs["decoder_input_ids"] = batch["decoder_input_ids"]
+    return kwargs
+
+
 def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's logits for a collated batch: the causal LM's over input_ids, or the decoder's; through
     the method hook, so prompt/prefix tuning see every training and eval batch (one row per real token)."""
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    if is_seq2seq_batch(batch):
-        kwargs["decoder_input_ids"] = batch["decoder_input_ids"]
-    return model_logits(model, kwargs)
+    return model_logits(model, model_inputs(batch))
 
 
 def batch_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -62,7 +80,7 @@ def causal_lm_loss_sum_fused(model: nn.Module, batch: dict[str, torch.Tensor], b
     materializing the [tokens x vocab] logits (chunked fused linear + cross-entropy)."""
     from qtrain_kernels.fused_ce import fused_linear_cross_entropy
 
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state
     labels = batch["labels"]
     return fused_linear_cross_entropy(hidden[:, :-1], model.get_output_embeddings().weight, labels[:, 1:],
                                       IGNORE_INDEX, backend=backend)
@@ -78,3 +96,21 @@ def seq2seq_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """Sum of cross-entropy in fp32 of logits against their own (unshifted) labels, ignoring -100."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def nll_sum(chunks: Iterable[Sequence[Any]], to_batch: Callable[[Sequence[Any]], dict[str, torch.Tensor]],
+            loss_sum: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+            stop: Callable[[], bool] = lambda: False) -> Optional[tuple[float, int]]:
+    """(summed NLL, trained tokens) over the batches of `chunks`; None if `stop()` turns true first.
+
+    Each chunk becomes a device batch through `to_batch`; `loss_sum(batch)` is its token-sum loss
+    and `batch_trained_tokens` counts the tokens it is over, for the batch's architecture.
+    """
+    total, count = 0.0, 0
+    for chunk in chunks:
+        if stop():
+            return None
+        batch = to_batch(chunk)
+        total += float(loss_sum(batch))
+        count += batch_trained_tokens(batch)
+    return total, count

@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 from qtrain.checkpoint.atomic import atomic_write_text
-from qtrain.checkpoint.resume import find_resume_point
+from qtrain.checkpoint.lock import RunLock
+from qtrain.checkpoint.resume import find_resume_point, warn
+from qtrain.checkpoint.space import disk_full_stop, space_warning
 from qtrain.checkpoint.train_state import required_files, restore
 from qtrain.config.schema import Recipe
-from qtrain.data import BatchStream
+from qtrain.data.pipeline import ExampleStream
 from qtrain.distributed import deepspeed as ds
-from qtrain.distributed.ddp import process_group
-from qtrain.distributed.env import read_env
-from qtrain.errors import EXIT_PREEMPTED, QtrainError, TrainingStopped
+from qtrain.distributed.ddp import any_rank, process_group
+from qtrain.distributed.env import DistEnv, read_env
+from qtrain.errors import EXIT_PREEMPTED, ConfigError, QtrainError, TrainingStopped
 from qtrain.peft.method import ArtifactContext
 from qtrain.peft.registry import method_for
-from qtrain.train.checkpointing import checkpoint_optimizer
+from qtrain.plan.planner import RunEstimate, run_estimate
+from qtrain.train.checkpointing import checkpoint_optimizer, checkpoint_size_mib, newest_checkpoint_text
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import catch_preemption
 from qtrain.train.loop import RunState, evaluate, run_loop
-from qtrain.train.metrics import MetricsLog, median_step_s, param_counts, peak_memory_mib, truncate_metrics
-from qtrain.train.setup import DTYPES, Session, prepare
+from qtrain.train.metrics import median_step_s, param_counts, peak_memory_mib, truncate_metrics
+from qtrain.train.sinks import Sinks, open_sinks
+from qtrain.train.setup import Session, prepare
 
 
 @contextlib.contextmanager
@@ -39,17 +44,39 @@ def fresh_output_dir(path: Path) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def output_dir_lock(out: Path, env: DistEnv) -> Iterator[None]:
+    """Rank 0 holds the output_dir's run lock for the whole run; every rank stops if it is taken."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(out).acquire()
+        except ConfigError as exc:
+            error = exc
+    if any_rank(error is not None, env.device()):
+        raise error or ConfigError(f"output_dir: {out} is in use by another qtrain run (see rank 0's message)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _say(s: Session, text: str) -> None:
     if s.env.is_main:
         print(text, flush=True)
 
 
-def _header(s: Session) -> str:
+def _header(s: Session, estimate: RunEstimate) -> str:
     trainable, total = param_counts(s.model)
     r = s.recipe
     what = method_for(r.peft).describe(r.peft, s.target_names)
+    scaling = " with dynamic loss scaling" if s.scaler.enabled else ""
     return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
-            f"of {total:,} params ({100 * trainable / total:.3f}%)\n{s.data.report.summary_line()}")
+            f"of {total:,} params ({100 * trainable / total:.3f}%)\n"
+            f"precision: {s.precision.name} compute{scaling} ({s.precision.reason})\n"
+            f"{s.data.header(r.train.micro_batch_size, s.data.flat)}\n"
+            f"{estimate.line}")
 
 
 def artifact_dir(recipe: Recipe) -> Path:
@@ -57,7 +84,7 @@ def artifact_dir(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / method_for(recipe.peft).artifact_dir
 
 
-def build_summary(s: Session, state: RunState) -> dict:
+def build_summary(s: Session, state: RunState, estimate: RunEstimate) -> dict:
     trainable, total = param_counts(s.model)
     times, tokens = state.step_times[1:] or state.step_times, state.tokens[1:] or state.tokens
     mb, ga = s.recipe.train.micro_batch_size, s.recipe.train.grad_accum
@@ -69,9 +96,15 @@ def build_summary(s: Session, state: RunState) -> dict:
         "median_step_s": median_step_s(state.step_times),
         "tokens_per_s": sum(tokens) / sum(times) if times and sum(times) > 0 else None,
         "peak_memory_mib": round(peak_memory_mib(s.device), 1),
+        "planned_peak_memory_mib": estimate.peak_mib,
         "final_train_loss": state.last_loss,
         "final_eval_loss": state.last_eval_loss,
         "nonfinite_steps_skipped": state.nonfinite_total,
+        "compute_dtype": s.precision.name,
+        "compute_dtype_reason": s.precision.reason,
+        "autocast_dtype": None if s.autocast_dtype is None else str(s.autocast_dtype).replace("torch.", ""),
+        "loss_scaling": s.scaler.enabled,
+        "loss_scale_overflows": state.loss_scale_overflows,
         "global_batch_size": mb * ga * s.env.world_size,
         "world_size": s.env.world_size,
         "device": str(s.device),
@@ -83,21 +116,49 @@ def build_summary(s: Session, state: RunState) -> dict:
     }
 
 
-def _closing(summary: dict, out: Path, artifact: Path) -> str:
+def _closing(summary: dict, out: Path, artifacts: dict[str, Path]) -> str:
     ev = summary["final_eval_loss"]
     ev_text = f", eval loss {ev:.4f}" if ev is not None else ""
     med, tps = summary["median_step_s"], summary["tokens_per_s"]
     speed = f"median step {med:.3f}s, {tps:.0f} tokens/s, " if med is not None and tps is not None else ""
     return (f"done: {summary['steps']} steps, final train loss {summary['final_train_loss']:.4f}{ev_text}; "
             f"{speed}peak memory {summary['peak_memory_mib']:.0f} MiB\n"
-            f"{artifact.name}: {artifact}\nsummary: {out / 'summary.json'}")
+            + "".join(f"{name}: {path}\n" for name, path in artifacts.items() if Path(path).exists())
+            + f"summary: {out / 'summary.json'}")
 
 
-def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunState:
+def artifact_mib(s: Session) -> float:
+    """The final artifact's size: the trainable state in fp32, or for a method that leaves a whole model
+    (full fine-tuning) every weight in the compute dtype."""
+    trainable, total = param_counts(s.model)
+    if method_for(s.recipe.peft).artifact_is_model:
+        return total * s.precision.dtype.itemsize / 2**20
+    return trainable * 4 / 2**20
+
+
+def warn_if_space_short(s: Session) -> None:
+    message = space_warning(Path(s.recipe.output_dir), s.recipe.checkpoint.keep, checkpoint_size_mib(s), artifact_mib(s))
+    if message and s.env.is_main:
+        warn(message)
+
+
+def save_artifacts(s: Session, summary: dict) -> None:
+    """The run's result (the method's artifact: an adapter, or a full model dir) and summary.json, each
+    written atomically."""
+    recipe = s.recipe
+    if s.engine is not None:
+        ds.check_adapter_whole(s.model)
+    ctx = ArtifactContext(recipe.peft, str(s.base_dir.resolve()), s.tokenizer, s.precision.dtype)
+    method_for(recipe.peft).save_artifact(s.model, ctx, artifact_dir(recipe))
+    atomic_write_text(Path(recipe.output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _resume(s: Session, ckpt: Path, stream: ExampleStream, metrics: Path) -> RunState:
     ts = restore(ckpt, s.env.rank, model=s.model, optimizer=checkpoint_optimizer(s), method=s.recipe.peft.method)
     if s.engine is not None:
         ds.load_optimizer_shard(s.engine, ckpt, s.env.rank)
     s.scheduler.load_state_dict(ts["scheduler"])
+    s.scaler.load_state_dict(ts.get("scaler", {}))
     stream.load_state_dict(ts["data"])
     state = RunState.from_json(ts["run"])
     if s.env.is_main:
@@ -108,18 +169,26 @@ def _resume(s: Session, ckpt: Path, stream: BatchStream, metrics: Path) -> RunSt
 
 def train(recipe: Recipe) -> dict:
     """Run `recipe` to completion (or to a checkpointed stop); returns the summary also written to summary.json."""
+    with contextlib.ExitStack() as held:  # the output_dir lock, until the last artifact is written
+        return _train(recipe, held)
+
+
+def _train(recipe: Recipe, held: contextlib.ExitStack) -> dict:
     out = Path(recipe.output_dir)
     env = read_env()
     faults = FaultPlan(env.rank)
     with catch_preemption() as flag, process_group(env, recipe.distributed.timeout_s):
         with fresh_output_dir(out):
+            held.enter_context(output_dir_lock(out, env))
             s = prepare(recipe, env)
             required = required_files(env.world_size, recipe.peft.method) + (ds.shard_files(env.world_size) if s.engine else [])
             ckpt = find_resume_point(out, recipe.checkpoint.resume, required)
             out.mkdir(parents=True, exist_ok=True)
-        _say(s, _header(s))
+        estimate = run_estimate(recipe, s.base_dir, env.world_size, s.device.type)  # the plan this run checks
+        _say(s, _header(s, estimate))
+        warn_if_space_short(s)
         t = recipe.train
-        stream = BatchStream(len(s.data.train), t.micro_batch_size, recipe.seed, env.rank, env.world_size)
+        stream = s.data.train_stream(t.micro_batch_size, recipe.seed, env.rank, env.world_size)
         metrics = out / "metrics.jsonl"
         if ckpt is not None:
             state = _resume(s, ckpt, stream, metrics)
@@ -129,18 +198,19 @@ def train(recipe: Recipe) -> dict:
                 metrics.unlink(missing_ok=True)
         if flag:
             raise TrainingStopped(f"preempted by signal {flag.signal} before the first step", EXIT_PREEMPTED)
-        log = MetricsLog(metrics)
+        log = open_sinks(recipe.logging, out, metrics, state.step, dataclasses.asdict(recipe)) if env.is_main \
+            else Sinks([])
         try:
             state = run_loop(s, state, stream, log, flag, faults)
+            state.last_eval_loss = evaluate(s, flag)
+            log.write_final_eval(state.step, state.last_eval_loss)
         finally:
             log.close()
-        state.last_eval_loss = evaluate(s, flag)
-    summary = build_summary(s, state)
+    summary = build_summary(s, state, estimate)
     if env.is_main:
-        if s.engine is not None:
-            ds.check_adapter_whole(s.model)
-        ctx = ArtifactContext(recipe.peft, str(s.base_dir.resolve()), s.tokenizer, DTYPES[recipe.model.dtype])
-        method_for(recipe.peft).save_artifact(s.model, ctx, artifact_dir(recipe))
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _say(s, _closing(summary, out, artifact_dir(recipe)))
+        with disk_full_stop(f"the final {artifact_dir(recipe).name}/ and summary.json", out, artifact_mib(s),
+                            newest_checkpoint_text(out)):
+            save_artifacts(s, summary)
+    _say(s, _closing(summary, out, {artifact_dir(recipe).name: artifact_dir(recipe), **log.paths(),
+                                    "checkpoints": out / "checkpoints", "base model": s.base_dir}))
     return summary

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qtrain.config.schema import Recipe
-from qtrain.data import DataBundle, build_datasets
+from qtrain.data import DataBundle, build_datasets, data_cache_dir
 from qtrain.distributed import ddp
 from qtrain.distributed import deepspeed as ds
 from qtrain.distributed.env import DistEnv
@@ -21,15 +21,17 @@ from qtrain.errors import ConfigError
 from qtrain.models.arch import is_encoder_decoder
 from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
+from qtrain.models.precision import Precision, resolve_precision, storage_dtype
 from qtrain.models.tokenizer import load_tokenizer
 from qtrain.peft.recompute import checkpoint_kwargs
 from qtrain.peft.registry import method_for
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.train.loss import fused_ce_supported
 from qtrain.train.optim import build_optimizer, build_scheduler
+from qtrain.train.packing_check import configure_batches
+from qtrain.train.scaler import LossScaler
+from qtrain.train.sinks import check_available as check_loggers
 from qtrain_kernels import dispatch
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -45,6 +47,10 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     autocast_dtype: torch.dtype | None
+    # The compute dtype `model.dtype` resolved to on this device, and why (model.dtype: auto).
+    precision: Precision
+    # fp16 dynamic loss scaling (a no-op for bf16/fp32 compute).
+    scaler: LossScaler
     # What forward runs through: the DDP or DeepSpeed wrapper under data parallelism, else `model`.
     forward_model: nn.Module
     # The DeepSpeed engine (which then owns backward, clipping and the optimizer step), or None.
@@ -73,12 +79,19 @@ def fused_ce_backend(recipe: Recipe, model: nn.Module, forward_model: nn.Module)
     return "triton"
 
 
-def autocast_dtype(recipe: Recipe) -> torch.dtype | None:
-    """bf16 autocast when asked, or by default when the model itself is bf16."""
+def autocast_dtype(recipe: Recipe, precision: Precision) -> torch.dtype | None:
+    """Autocast in the 16-bit compute dtype (`auto`/`on`); bf16 when forced `on` over fp32 weights; else none."""
     mode = recipe.train.autocast
-    if mode == "on" or (mode == "auto" and recipe.model.dtype == "bfloat16"):
-        return torch.bfloat16
-    return None
+    if mode == "off":
+        return None
+    if precision.dtype in (torch.bfloat16, torch.float16):
+        return precision.dtype
+    return torch.bfloat16 if mode == "on" else None
+
+
+def needs_loss_scaling(precision: Precision, autocast: torch.dtype | None) -> bool:
+    """fp16 compute (weights or autocast) needs dynamic loss scaling; bf16 has fp32's exponent range."""
+    return torch.float16 in (precision.dtype, autocast)
 
 
 def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Path:
@@ -87,16 +100,22 @@ def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Pat
         return Path(m.path)
     base_dir = Path(m.base_dir) if m.base_dir else Path(recipe.output_dir) / "base"
     if env.is_main:  # one writer; the other ranks read it once it is complete
-        write_random_base(m.from_config, tokenizer, recipe.seed, DTYPES[m.dtype], base_dir)
+        write_random_base(m.from_config, tokenizer, recipe.seed, storage_dtype(m.dtype), base_dir)
     ddp.barrier()
     return base_dir
 
 
-def build_model(recipe: Recipe, base_dir: Path, device: torch.device, tokenizer=None) -> tuple[nn.Module, list[str]]:
+def build_model(recipe: Recipe, base_dir: Path, device: torch.device, precision: Precision | None = None,
+                tokenizer=None) -> tuple[nn.Module, list[str]]:
     """The streamed (4-bit) base with the recipe's method attached; only the method's parameters
-    require grad. Returns the model and the names of the modules the method adapted."""
+    require grad. Returns the model and the names of the modules the method adapted.
+
+    The base loads in the compute dtype `model.dtype` resolves to on `device` unless the method
+    needs otherwise (full fine-tuning: fp32 master weights, unquantized; compute still runs under
+    the recipe's autocast)."""
     method = method_for(recipe.peft)
-    opts = method.load_options(recipe.peft, DTYPES[recipe.model.dtype], recipe.quant.method == "nf4")
+    precision = precision or resolve_precision(recipe.model.dtype, device)
+    opts = method.load_options(recipe.peft, precision.dtype, recipe.quant.method == "nf4")
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if opts.quantize else None
     model = load_model(base_dir, opts.dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code,
                        dense=opts.dense)
@@ -110,6 +129,7 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device, tokenizer=
 
 def prepare(recipe: Recipe, env: DistEnv) -> Session:
     kernel_backend(recipe)  # refuse an impossible kernels= before any work
+    check_loggers(recipe.logging)
     ds_config = ds.build_config(recipe, env.world_size) if ds.enabled(recipe) else None
     if env.world_size > 1 and recipe.distributed.engine == "plain":
         # Each rank would train its own unsynchronized adapter.
@@ -120,11 +140,21 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True)
     device = env.device()
+    precision = resolve_precision(recipe.model.dtype, device)
+    autocast = autocast_dtype(recipe, precision)
+    scaling = needs_loss_scaling(precision, autocast)
+    if scaling and ds_config is not None:
+        raise ConfigError(f"model.dtype: fp16 compute needs loss scaling, which qtrain does not run under DeepSpeed yet "
+                          f"({precision.reason}); set model.dtype: float32 (or bfloat16 on a GPU that has it), "
+                          "or use distributed.engine: ddp")
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=is_encoder_decoder(recipe.model))
+    data = build_datasets(recipe.data, tokenizer, recipe.seed, encoder_decoder=is_encoder_decoder(recipe.model),
+                          cache_dir=data_cache_dir(recipe.data, recipe.output_dir),
+                          progress=recipe.logging.progress and env.is_main, local_world_size=env.local_world_size)
     base_dir = resolve_base_dir(recipe, tokenizer, env)
     torch.manual_seed(recipe.seed)  # LoRA A init
-    model, names = build_model(recipe, base_dir, device, tokenizer)
+    model, names = build_model(recipe, base_dir, device, precision, tokenizer)
+    configure_batches(data, recipe.data.padding_free, model, device, autocast)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train, device)
@@ -135,4 +165,5 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     else:
         forward_model = ddp.wrap(model, device) if ddp.active() else model
     return Session(recipe, env, device, tokenizer, data, base_dir, model, names, optimizer, scheduler,
-                   autocast_dtype(recipe), forward_model, engine, fused_ce_backend(recipe, model, forward_model))
+                   autocast, precision, LossScaler(scaling, device), forward_model, engine,
+                   fused_ce_backend(recipe, model, forward_model))

@@ -75,6 +75,8 @@ def test_shared_base_is_written_once(compared):
         assert not (compared / variant / "base").exists()
     adapter_cfg = json.loads((compared / "lora-none" / "adapter" / "adapter_config.json").read_text())
     assert Path(adapter_cfg["base_model_name_or_path"]) == (compared / "base_model").resolve()
+    # The data is tokenized once for all variants (training and eval share the cache).
+    assert len((compared / "data_cache" / "builds.log").read_text().splitlines()) == 1
 
 
 def test_bad_variant_is_a_config_error_before_any_work(tmp_path):

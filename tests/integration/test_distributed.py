@@ -32,6 +32,14 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(pair):
     assert_same_training(single, ddp)
 
 
+def test_two_ranks_build_the_data_cache_once_and_both_read_it(pair):
+    _, ddp = pair
+    cache = ddp / "data_cache"
+    builds = [json.loads(line) for line in (cache / "builds.log").read_text().splitlines()]
+    assert len(builds) == 1  # one rank built under the lock; the other waited and memory-mapped it
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == [builds[0]["key"]]
+
+
 def test_global_batch_is_reported_and_every_rank_state_is_checkpointed(pair):
     _, ddp = pair
     summary = json.loads((ddp / "summary.json").read_text())

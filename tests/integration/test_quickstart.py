@@ -33,10 +33,10 @@ def test_loss_falls(run_dir):
 def test_summary_has_the_documented_fields(run_dir):
     s = json.loads((run_dir / "summary.json").read_text())
     for key in ("trainable_params", "total_params", "median_step_s", "tokens_per_s", "peak_memory_mib",
-                "final_train_loss", "final_eval_loss"):
+                "planned_peak_memory_mib", "final_train_loss", "final_eval_loss"):
         assert s[key] is not None, key
     assert 0 < s["trainable_params"] < s["total_params"]
-    assert s["final_eval_loss"] > 0 and s["peak_memory_mib"] > 0
+    assert s["final_eval_loss"] > 0 and s["peak_memory_mib"] > 0 and s["planned_peak_memory_mib"] > 0
 
 
 def test_adapter_loads_in_peft_on_the_written_base(run_dir):

@@ -340,3 +340,20 @@ def test_any_override_strings_give_a_dict_or_a_config_error(items):
         assert isinstance(apply_overrides({}, items), dict)
     except ConfigError as err:
         assert len(err.problems) <= len(items)
+
+
+def test_data_sources_path_list_glob_or_mix_and_their_checks():
+    recipe = recipe_from_dict(quickstart(data={"path": ["a.jsonl", "shards/*.jsonl"], "padding_free": False}))
+    assert recipe.data.path == ["a.jsonl", "shards/*.jsonl"] and recipe.data.padding_free is False
+    mixed = recipe_from_dict(quickstart(data={"path": None, "mix": [{"path": "a.jsonl", "weight": 3},
+                                                                    {"path": ["b.jsonl"]}]}))
+    assert [(m.path, m.weight) for m in mixed.data.mix] == [("a.jsonl", 3.0), (["b.jsonl"], 1.0)]
+    text = str(config_error(quickstart(data={"mix": [{"path": "a.jsonl", "weight": 0}, {"weight": 1}],
+                                             "num_proc": 0, "padding_free": "yes"})))
+    assert "data.mix: set together with data.path" in text and "data.mix[0].weight: must be > 0" in text
+    assert "data.mix[1].path: required" in text and "data.num_proc: must be > 0" in text
+    assert "data.padding_free: expected 'auto' or bool" in text
+    assert "data.path: required" in str(config_error(quickstart(data={"path": None})))
+    streaming = str(config_error(quickstart(data={"streaming": True, "eval_split": 0.05})))
+    assert "data.eval_split" in streaming and "data.eval_path" in streaming
+    assert recipe_from_dict(quickstart(data={"streaming": True, "eval_split": 0})).data.streaming

@@ -56,7 +56,7 @@ def test_config_builds_and_steps_at_tiny_size(path, tmp_path):
     recipe = load_recipe(path, overrides)
     session = prepare(recipe, DistEnv())
     before = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
-    result = train_step(session, [[0, 1]])
+    result = train_step(session, [[session.data.train[0], session.data.train[1]]])
     assert result.loss > 0 and result.grad_norm > 0
     changed = [n for n, p in session.model.named_parameters() if p.requires_grad and not p.equal(before[n])]
     assert changed  # the optimizer really stepped the adapter

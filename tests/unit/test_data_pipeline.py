@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -173,20 +172,30 @@ def test_unknown_field_rename_is_refused_before_reading(tmp_path, tok):
         build_datasets(_cfg(str(tmp_path / "absent.jsonl"), fields={"answer": "x"}), tok, seed=0)
 
 
-def test_packing_keeps_every_trained_token(tmp_path, tok):
+def _rows_of(example: Example) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The whole rows a (packed) example is made of, each with its first label masked."""
+    out, start = [], 0
+    for n in example.segment_lengths():
+        ids, labels = example.input_ids[start:start + n], example.labels[start:start + n]
+        out.append((tuple(ids), (-100, *labels[1:])))
+        start += n
+    return out
+
+
+def test_packing_keeps_every_row_whole_and_every_trained_token(tmp_path, tok):
     path = _jsonl(tmp_path / "n.jsonl", _numbered_rows(50))
     plain = build_datasets(_cfg(path, max_len=32), tok, seed=0)
     packed = build_datasets(_cfg(path, max_len=32, packing=True), tok, seed=0)
 
-    assert all(len(e.input_ids) == len(e.labels) == 32 for e in packed.train[:-1])
-    assert 0 < len(packed.train[-1]) <= 32
+    assert all(len(e.input_ids) == len(e.labels) == sum(e.segments) <= 32 for e in packed.train)
     assert packed.report.trained_tokens == plain.report.trained_tokens
-
-    def pairs(bundle):
-        return sorted((t, y) for e in bundle.train for t, y in zip(e.input_ids, e.labels))
-
-    assert pairs(packed) == pairs(plain)
+    assert packed.report.train_tokens == plain.report.train_tokens
+    # The same rows, each whole: packing only groups them.
+    assert sorted(r for e in packed.train for r in _rows_of(e)) == sorted(r for e in plain.train for r in _rows_of(e))
     assert packed.report.train_sequences == len(packed.train) < plain.report.train_sequences
+    # Best fit leaves no two sequences that would fit together in one.
+    sizes = [len(e) for e in packed.train]
+    assert all(a + b > 32 for i, a in enumerate(sizes) for b in sizes[i + 1:])
 
 
 def _distinct(lengths: list[int], trained: list[int]) -> list[Example]:
@@ -198,36 +207,38 @@ def _distinct(lengths: list[int], trained: list[int]) -> list[Example]:
     return out
 
 
-def test_pack_concatenates_whole_examples_in_seeded_order():
+def test_pack_places_whole_examples_best_fit_decreasing():
     examples = _distinct([5, 9, 3, 12, 7, 4], [2, 9, 1, 6, 3, 4])
-    blocks = pack(examples, 8, random.Random(0))
-
-    assert [len(b) for b in blocks] == [8, 8, 8, 8, 8]  # 40 tokens -> 5 full blocks
-    ids = [t for b in blocks for t in b.input_ids]
-    labels = [t for b in blocks for t in b.labels]
-    order = [ids[i] // 1000 for i in range(len(ids)) if ids[i] % 1000 == 0]
-    assert sorted(order) == list(range(6))
-    assert ids == [t for k in order for t in examples[k].input_ids]
-    assert labels == [t for k in order for t in examples[k].labels]
-    assert pack(examples, 8, random.Random(0)) == blocks
-    assert any(pack(examples, 8, random.Random(s)) != blocks for s in (1, 2, 3))
+    bins = pack(examples, 16, seed=0)
+    # Longest first, each into the bin it fills best: 12+4, 9+7, 5+3.
+    members = [[ids[0] // 1000 for ids in (b.input_ids[s:] for s in _starts(b))] for b in bins]
+    assert members == [[3, 5], [1, 4], [0, 2]]
+    for b, ks in zip(bins, members):
+        assert b.segments == tuple(len(examples[k].input_ids) for k in ks)
+        assert b.input_ids == [t for k in ks for t in examples[k].input_ids]
+        # Each row's first label is masked (nothing before it in its document predicts it).
+        assert b.labels == [x for k in ks for x in [-100] + examples[k].labels[1:]]
 
 
-def test_pack_keeps_a_partial_last_block_only_if_it_trains_something():
-    # 10 tokens into blocks of 8: the 2-token tail is kept iff one of its labels is trained.
-    kept = pack(_distinct([10], [3]), 8, random.Random(0))
-    assert [len(b) for b in kept] == [8, 2]
-    assert kept[1].labels == [8, 9]
-    tail_masked = pack([Example(list(range(10)), list(range(8)) + [-100, -100])], 8,
-                       random.Random(0))
-    assert [b.input_ids for b in tail_masked] == [list(range(8))]
+def _starts(example: Example) -> list[int]:
+    out, at = [], 0
+    for n in example.segments:
+        out.append(at)
+        at += n
+    return out
 
 
-def test_pack_leaves_out_blocks_with_nothing_to_train():
-    # One 20-token example trained only in its last 2 tokens: blocks [0,8) and [8,16) are masked.
-    blocks = pack(_distinct([20], [2]), 8, random.Random(0))
-    assert [b.input_ids for b in blocks] == [list(range(16, 20))]
-    assert pack(_distinct([10], [0]), 8, random.Random(0)) == []
+def test_pack_breaks_ties_by_seed():
+    examples = _distinct([4] * 12, [2] * 12)
+    first = pack(examples, 10, seed=0)
+    assert pack(examples, 10, seed=0) == first
+    assert any(pack(examples, 10, seed=s) != first for s in (1, 2, 3))
+    assert sorted(len(b) for b in first) == [8] * 6  # two rows of 4 per bin of 10
+
+
+def test_pack_refuses_an_example_longer_than_the_bins():
+    with pytest.raises(ValueError, match="length 9"):
+        pack(_distinct([9, 3], [1, 1]), 8, seed=0)
 
 
 def test_chat_data_end_to_end(tok):
@@ -252,3 +263,18 @@ def test_collate_right_pads():
 def test_collate_rejects_mismatched_lengths():
     with pytest.raises(ValueError):
         collate([Example([1, 2], [1])], pad_id=0)
+
+
+def test_a_path_list_or_glob_reads_its_files_in_order_as_one_source(tmp_path, tok):
+    (tmp_path / "shards").mkdir()
+    a = _jsonl(tmp_path / "shards" / "a.jsonl", _numbered_rows(3))
+    b = _jsonl(tmp_path / "shards" / "b.jsonl", _numbered_rows(5)[3:])
+    for path in ([a, b], str(tmp_path / "shards" / "*.jsonl")):
+        bundle = build_datasets(_cfg(path), tok, seed=0)
+        assert bundle.report.rows_read == 5
+        assert [_row_id(tok, e) for e in bundle.train] == [0, 1, 2, 3, 4]
+    _jsonl(tmp_path / "shards" / "b.jsonl", [{"prompt": "x\n", "response": "y"}, {"prompt": "z\n"}])
+    with pytest.raises(DataError, match=f"{b}, row 2"):
+        build_datasets(_cfg([a, b]), tok, seed=0)
+    with pytest.raises(DataError, match="no file matches this pattern; check data.path"):
+        build_datasets(_cfg(str(tmp_path / "none" / "*.jsonl")), tok, seed=0)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qtrain.data.sampler import BatchStream, epoch_batches
+from qtrain.data.sampler import BatchStream, MapBatches, epoch_batches
 from qtrain.errors import DataError
 
 
@@ -105,3 +105,11 @@ def test_stream_refuses_state_from_a_different_data_size():
 def test_stream_refuses_a_position_past_the_epoch():
     with pytest.raises(DataError, match="position 9"):
         BatchStream(23, 5, seed=11).load_state_dict({"epoch": 2, "position": 9})
+
+
+def test_map_batches_hand_out_the_examples_of_the_index_stream():
+    data = [f"example {i}" for i in range(23)]
+    for rank in (0, 1):
+        got = list(itertools.islice(MapBatches(data, 3, seed=4, rank=rank, world_size=2), 9))
+        indices = list(itertools.islice(BatchStream(23, 3, seed=4, rank=rank, world_size=2), 9))
+        assert got == [[data[i] for i in b] for b in indices]

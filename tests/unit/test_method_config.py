@@ -84,6 +84,20 @@ def test_sequence_methods_refuse_packed_batches():
     assert METHODS["prefix_tuning"].needs_padded_batches and not METHODS["lora"].needs_padded_batches
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_sequence_methods_refuse_padding_free_batches(method):
+    data = recipe({"method": method})
+    data["data"]["padding_free"] = True
+    assert problems(data) == [f"data.padding_free: {method} adds virtual tokens before every row, which a "
+                              "padding-free batch (all rows in one) cannot hold; set data.padding_free: false "
+                              "(or auto, which pads for it)"]
+    for value in ("auto", False):  # auto resolves to padded rows for these methods (train.packing_check)
+        data["data"]["padding_free"] = value
+        assert recipe_from_dict(data).data.padding_free == value
+    data["peft"]["method"], data["data"]["padding_free"] = "lora", True
+    assert recipe_from_dict(data).data.padding_free is True
+
+
 def test_a_compare_recipe_may_set_the_keys_of_the_methods_it_compares():
     data = recipe({"method": "lora", "r": 8, "num_virtual_tokens": 4, "reduction_factor": 8},
                   compare={"variants": ["base", "lora", "prompt_tuning", "bottleneck"]})

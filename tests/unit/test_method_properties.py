@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from qtrain.config import recipe_from_dict
-from qtrain.data import BatchStream
 from qtrain.distributed.env import DistEnv
 from qtrain.models.load import load_model
 from qtrain.peft.artifact import read_adapter
@@ -143,7 +142,7 @@ def test_resume_from_the_trainers_checkpoint_is_bit_exact_and_the_base_bytes_sta
     data = _recipe(tiny_base_dir, rows, tmp_path / "run", method)
     s = prepare(recipe_from_dict(data), DistEnv())
     nf4_before = _nf4_bytes(s.model)
-    stream = BatchStream(len(s.data.train), 2, 0, 0, 1)
+    stream = s.data.train_stream(2, 0, 0, 1)
     state = RunState()
     first = _steps(s, stream, state, 2)
     save_checkpoint(s, state.to_json(), stream, FaultPlan(0))
@@ -155,7 +154,7 @@ def test_resume_from_the_trainers_checkpoint_is_bit_exact_and_the_base_bytes_sta
 
     torch.manual_seed(123)  # a resumed process starts from another RNG state; restore must replace it
     s2 = prepare(recipe_from_dict(data), DistEnv())
-    stream2 = BatchStream(len(s2.data.train), 2, 0, 0, 1)
+    stream2 = s2.data.train_stream(2, 0, 0, 1)
     state2 = _resume(s2, tmp_path / "run" / "checkpoints" / "step-2", stream2, tmp_path / "run" / "metrics.jsonl")
     assert state2.step == 2
     assert _steps(s2, stream2, state2, 2) == rest

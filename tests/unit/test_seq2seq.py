@@ -440,7 +440,7 @@ def test_a_training_step_on_t5_moves_the_adapter_and_its_loss_is_the_seq2seq_los
     expected = eval_loss(s.model, [s.data.train[i] for i in (0, 1, 2, 3)], tokenizer.pad_token_id, 4, CPU)
     s.model.train()   # dropout_rate 0: the step's loss is the eval loss of its batch
     before = {n: p.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad}
-    result = train_step(s, [[0, 1, 2, 3]])
+    result = train_step(s, [[s.data.train[i] for i in (0, 1, 2, 3)]])
     assert result.loss == pytest.approx(expected.loss, rel=1e-5) and result.grad_norm > 0
     assert result.tokens == sum(len(s.data.train[i].input_ids) + len(s.data.train[i].labels) for i in range(4))
     assert any(not p.equal(before[n]) for n, p in s.model.named_parameters() if p.requires_grad)

@@ -95,3 +95,22 @@ def test_prefix_tuning_refuses_t5_with_the_reason(tiny_t5_base_dir):
     model = load_model(tiny_t5_base_dir, torch.float32, CPU, None)
     with pytest.raises(ConfigError, match="prefix_tuning: implemented for decoder-only models.*prompt_tuning for T5"):
         get_method("prefix_tuning").inject(model, PeftConfig(method="prefix_tuning"))
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_sequence_methods_pad_and_refuse_packed_or_flat_batches(method, tiny_base_dir, monkeypatch):
+    from qtrain.data import Example, collate
+    from qtrain.train import packing_check
+    from qtrain.train.loss import batch_logits
+
+    model = _tuned(tiny_base_dir, method)
+    monkeypatch.setattr(packing_check, "attention_is_per_row", lambda implementation: True)  # as flash-attention
+    assert packing_check.flat_batches("auto", load_model(tiny_base_dir, torch.float32, CPU, None))
+    assert not packing_check.flat_batches("auto", model)  # the adapter's virtual tokens need padded rows
+    with pytest.raises(ConfigError, match="data.padding_free: true, but prompt/prefix tuning"):
+        packing_check.flat_batches(True, model)
+    examples = [Example(p, p) for p in PROMPTS]
+    padded = collate(examples, pad_id=0)
+    assert batch_logits(model, padded).shape[:2] == padded["input_ids"].shape  # one row per real token
+    with pytest.raises(ConfigError, match="set data.packing: false and data.padding_free: false"):
+        batch_logits(model, collate(examples, pad_id=0, flat=True))
