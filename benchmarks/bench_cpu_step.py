@@ -200,7 +200,13 @@ def run_side(args: argparse.Namespace) -> dict:
                                           checkpointing)
         else:
             model, loss_fn = build_qtrain(args, model_dir(args), tmp, checkpointing, args.mode if checkpointing else "full")
-    load_s = time.perf_counter() - t0
+    return measure(model, loss_fn, args, time.perf_counter() - t0)
+
+
+def measure(model, loss_fn, args: argparse.Namespace, load_s: float) -> dict:
+    """Train a built side on the shared random batch and return its raw measurements (the parent summarizes)."""
+    import torch
+
     input_ids = torch.randint(0, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(SEED))
     load_peak, after_load = h.ru_maxrss_mib(), h.rss_mib("VmRSS")
     hwm_reset = h.reset_hwm()

@@ -32,7 +32,9 @@ from benchmarks._results import merge_result
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "quickstart.yaml"
 MIB = 2**20
-BASE = ["logging.progress=false", "checkpoint.every_steps=0", "train.num_threads=1", "distributed.timeout_s=300"]
+# Packed rows: the plan sizes a micro-batch as micro_batch_size x max_len tokens, which packing fills.
+BASE = ["logging.progress=false", "checkpoint.every_steps=0", "train.num_threads=1", "distributed.timeout_s=300",
+        "data.packing=true"]
 SIZES = {  # from_config overrides; the quickstart's own model is "256x4"
     "64x2": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2},

@@ -9,6 +9,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "data" / "quickstart" / "tokenizer"
+TINY_T5 = {"model_type": "t5", "d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_decoder_layers": 2,
+           "num_heads": 4, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}
 TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
@@ -51,3 +53,11 @@ def tiny_aligned_base_dir(tmp_path_factory, tokenizer) -> Path:
 
     cfg = {**TINY_LLAMA, "intermediate_size": 128}
     return write_random_base(cfg, tokenizer, 0, torch.float32, tmp_path_factory.mktemp("tiny_aligned") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_base_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2+2-layer gated T5 (v1.1 / FLAN-T5 style) written in fp32 as a normal HF model dir."""
+    from qtrain.models.build import write_random_base
+
+    return write_random_base(TINY_T5, tokenizer, 0, torch.float32, tmp_path_factory.mktemp("tiny_t5") / "base")

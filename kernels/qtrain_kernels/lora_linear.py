@@ -71,6 +71,14 @@ def lora_backward_dx_reference(g: torch.Tensor, nf4: NF4Buffers, gb: Optional[to
     return dense_backward_dx(g, dispatch.dequantize_buffers_reference(nf4, g.dtype), gb, a, scale, mask, dropout_p)
 
 
+def dropped(x2: torch.Tensor, dropout_p: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(dropout(x2), its keep-mask or None): the mask is drawn from torch's RNG and kept for backward."""
+    if dropout_p <= 0.0:
+        return x2, None
+    mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+    return x2 * mask / (1.0 - dropout_p), mask
+
+
 def _fused(backend: str, x2: torch.Tensor, nf4: Optional[NF4Buffers]) -> bool:
     """Whether this call takes the fused Triton path (else the torch path, always correct)."""
     if nf4 is None or x2.dtype not in FUSED_DTYPES or x2.device != nf4.packed.device:
@@ -107,10 +115,7 @@ class LoRALinearFunction(torch.autograd.Function):
             # two fewer autograd nodes per layer, and the grads go back in the storage dtype.
             ctx.ab_dtype = lora_a.dtype
             a, b = lora_a.to(dtype), lora_b.to(dtype)
-            xd = x2
-            if dropout_p > 0.0:
-                mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-                xd = x2 * mask / (1.0 - dropout_p)
+            xd, mask = dropped(x2, dropout_p)
             xa = xd @ a.t()
         w = None
         if fused:

@@ -1,8 +1,8 @@
 """What a training checkpoint holds, and putting it back: exact resume.
 
 Files inside `checkpoints/step-N/` (see store.py for the commit protocol):
-  adapter/                       the adapter at step N, PEFT format (loadable on its own), or with
-  weights.safetensors            peft.method: full, every trained weight (see full_io.py)
+  adapter/ (or weights.safetensors, ...)   what trains, in the method's own form (its Method's
+                                 checkpoint_files; an adapter dir is loadable on its own)
   optimizer.safetensors          optimizer state tensors; its metadata holds the JSON structure
   trainer_state.json             step, scheduler, data position, guard counters
   rng-rank-R.safetensors         torch CPU/CUDA generator states and Python's `random` state, per rank
@@ -20,13 +20,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qtrain.checkpoint import full_io
-from qtrain.checkpoint.adapter_io import load_adapter_weights, read_adapter, write_adapter_files
 from qtrain.checkpoint.resume import warn
 from qtrain.checkpoint.tree import flatten, unflatten
 from qtrain.errors import CheckpointError
-
-ADAPTER_DIR = "adapter"
+from qtrain.peft.method import ArtifactContext
+from qtrain.peft.registry import get_method
 OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 
@@ -35,13 +33,8 @@ def rng_file(rank: int) -> str:
     return f"rng-rank-{rank}.safetensors"
 
 
-def weights_file(method: str) -> str:
-    """Where a checkpoint keeps what trains: the adapter, or (full fine-tuning) every weight."""
-    return full_io.WEIGHTS_NAME if method == "full" else f"{ADAPTER_DIR}/adapter_model.safetensors"
-
-
 def required_files(world_size: int, method: str = "lora") -> list[str]:
-    return [weights_file(method), OPTIMIZER, TRAINER_STATE] + [rng_file(r) for r in range(world_size)]
+    return get_method(method).checkpoint_files() + [OPTIMIZER, TRAINER_STATE] + [rng_file(r) for r in range(world_size)]
 
 
 def _save_tree(obj: Any, path: Path, prefix: str) -> None:
@@ -69,15 +62,11 @@ def save_rank_state(tmp: Path, rank: int) -> None:
 
 def save_shared_state(tmp: Path, *, model, peft_cfg, base_model: str, optimizer, trainer_state: dict,
                       on_file: Callable[[], None] = lambda: None) -> None:
-    """Adapter (or full weights), optimizer and trainer state (rank 0 writes these; ranks hold identical copies).
+    """The method's trainable state, optimizer and trainer state (rank 0 writes these; ranks hold identical copies).
 
     `on_file` runs after each file is written (fault-injection tests crash there).
     """
-    if peft_cfg.method == "full":
-        full_io.write_weights(model, tmp / full_io.WEIGHTS_NAME)
-    else:
-        (tmp / ADAPTER_DIR).mkdir()
-        write_adapter_files(model, peft_cfg, base_model, tmp / ADAPTER_DIR)
+    get_method(peft_cfg.method).save_checkpoint(model, ArtifactContext(peft_cfg, base_model), tmp)
     on_file()
     _save_tree(optimizer.state_dict(), tmp / OPTIMIZER, "optimizer")
     on_file()
@@ -86,12 +75,8 @@ def save_shared_state(tmp: Path, *, model, peft_cfg, base_model: str, optimizer,
 
 
 def restore(ckpt: Path, rank: int, *, model, optimizer, method: str = "lora") -> dict:
-    """Load adapter (or full weights) + optimizer + this rank's RNG from `ckpt`; returns the trainer state dict."""
-    if method == "full":
-        full_io.load_weights(model, ckpt / full_io.WEIGHTS_NAME)
-    else:
-        _, tensors = read_adapter(ckpt / ADAPTER_DIR)
-        load_adapter_weights(model, tensors)
+    """Load the method's trainable state + optimizer + this rank's RNG from `ckpt`; returns the trainer state dict."""
+    get_method(method).load_checkpoint(model, ckpt)
     try:
         optimizer.load_state_dict(_load_tree(ckpt / OPTIMIZER))
     except (ValueError, KeyError) as exc:

@@ -7,9 +7,9 @@ involve more than one field live in `validate.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from qtrain.config.methods import PeftMethod
 
 
 @dataclass
@@ -42,17 +42,52 @@ class QuantConfig:
 
 @dataclass
 class PeftConfig:
-    # lora: train low-rank adapters on a frozen (4-bit or 16-bit) base. full: train every weight
-    # (fp32 master weights, autocast compute; needs quant.method: none) -- the baseline LoRA is
-    # measured against (`qtrain compare`).
-    method: Literal["lora", "full"] = "lora"
+    """How the base is adapted. Keys are flat; each method reads only its own (config/methods.py),
+    and a key set explicitly for a method that does not read it is an error."""
+
+    # lora | dora | ia3 | prompt_tuning | prefix_tuning | bottleneck | compacter | bitfit | freeze |
+    # diff_pruning | full (docs/methods.md); full trains every weight and needs quant.method: none.
+    method: PeftMethod = "lora"
+    # LoRA / DoRA: rank, scale alpha / r (rsLoRA: alpha / sqrt(r)), dropout on the adapter's input.
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    # A list matches module-name suffixes (`q_proj` matches `...self_attn.q_proj`);
-    # a string is a regex that must match the whole module name (PEFT's convention).
-    targets: Union[list[str], str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     rslora: bool = False
+    # Which linear layers: `auto` (the architecture's default for the method), `all-linear` (every
+    # linear but the output head), a list of name suffixes (`q_proj` matches `...self_attn.q_proj`),
+    # or a string regex that must match the whole module name (PEFT's convention).
+    targets: Union[list[str], str] = "auto"
+    # (IA)^3: targets whose *input* is scaled (the FFN's output projection); `auto` = the architecture's.
+    feedforward_targets: Union[list[str], str] = "auto"
+    # Prompt / prefix tuning: virtual tokens per sequence (per layer for prefix tuning).
+    num_virtual_tokens: int = 20
+    # Prompt tuning init: embeddings of tokens sampled from the vocabulary, of a text, or random
+    # (normal with the embedding matrix's own std).
+    prompt_init: Literal["vocab", "text", "random"] = "vocab"
+    prompt_init_text: Optional[str] = None
+    # Prefix tuning: train the prefixes through a two-layer MLP (Li & Liang), folded away at save.
+    prefix_projection: bool = True
+    prefix_hidden_size: Optional[int] = None  # the MLP's width; default: the model's hidden size
+    # Bottleneck adapters / compacter: bottleneck width = hidden / reduction_factor.
+    reduction_factor: int = 16
+    # houlsby: after attention and after the FFN; pfeiffer: after the FFN; parallel: beside the FFN.
+    placement: Literal["houlsby", "pfeiffer", "parallel"] = "pfeiffer"
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    # Compacter: n Kronecker products per weight (the n x n rules are shared by all adapters), rank
+    # of each per-layer factor.
+    phm_dim: int = 4
+    phm_rank: int = 1
+    # Layer freezing: train the top K blocks in full precision (or blocks [start, end) of the
+    # output-side stack); everything else stays frozen (and NF4).
+    layers_to_train: int = 1
+    layer_range: Optional[list[int]] = None
+    # Diff pruning: fraction of the delta that is zero in the saved artifact, and the weight of the
+    # hard-concrete L0 penalty (on the expected density above 1 - target_sparsity).
+    target_sparsity: float = 0.99
+    l0_weight: float = 1.0
+
+    # The keys the recipe set explicitly (recorded by the typed builder; empty when built in code).
+    explicit_keys: ClassVar[frozenset] = frozenset()
 
 
 @dataclass
@@ -162,15 +197,24 @@ class LoggingConfig:
 class CompareConfig:
     """`qtrain compare RECIPE`: which variants run on the recipe's data and budget, and how they are scored."""
 
-    # base: the untouched base; full: full fine-tuning; lora: LoRA on the 16-bit base; qlora: LoRA on NF4.
-    variants: list[Literal["base", "full", "lora", "qlora"]] = field(
-        default_factory=lambda: ["base", "full", "lora", "qlora"])
-    # Learning rate of full fine-tuning (every weight moves, so it usually wants a smaller one);
-    # default: train.lr.
+    # base: the untouched base; a method name (lora, ia3, prompt_tuning, ...): that method on the
+    # recipe's quant.method base; METHOD@nf4 / METHOD@none: on that base. qlora = lora@nf4.
+    variants: list[str] = field(default_factory=lambda: ["base", "full", "lora@none", "lora@nf4"])
+    # Per-method learning rates, e.g. {prompt_tuning: 3.0e-2}; default: train.lr.
+    method_lr: dict[str, float] = field(default_factory=dict)
+    # Learning rate of full fine-tuning (every weight moves, so it usually wants a smaller one):
+    # the same as method_lr: {full: ...}, which wins if both are set.
     full_lr: Optional[float] = None
     # Eval rows to generate summaries/answers for (ROUGE); null = the whole eval split.
     max_gen_rows: Optional[int] = 100
     max_new_tokens: int = 64
+
+    # The keys the recipe set explicitly (a recipe naming variants configures those methods too).
+    explicit_keys: ClassVar[frozenset] = frozenset()
+
+    def learning_rate(self, method: str, default: float) -> float:
+        rates = {"full": self.full_lr} if self.full_lr is not None else {}
+        return {**rates, **self.method_lr}.get(method, default)
 
 
 @dataclass

@@ -121,4 +121,7 @@ def build(cls: type, data: dict[str, Any], problems: list[str], prefix: str = ""
         out = _convert(data[f.name], hints[f.name], f"{prefix}{f.name}", problems)
         if out is not _MISSING:
             kwargs[f.name] = out
-    return cls(**kwargs)
+    instance = cls(**kwargs)
+    if hasattr(cls, "explicit_keys"):  # sections that need to know what the recipe set (see PeftConfig)
+        instance.explicit_keys = frozenset(k for k in data if k in names)
+    return instance

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import re
 
+from qtrain.config.methods import METHOD_RULES
+from qtrain.config.peft_checks import check_peft, check_variant
+from qtrain.config.peft_checks import positive as _positive
 from qtrain.config.schema import Recipe
 
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def _positive(problems: list[str], key: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        problems.append(f"{key}: must be {bound}, got {value!r}")
 
 
 def check_values(r: Recipe) -> list[str]:
@@ -29,33 +26,21 @@ def check_values(r: Recipe) -> list[str]:
             p.append("model.tokenizer: required with model.from_config (a local tokenizer dir)")
     if r.quant.blocksize not in _BLOCKSIZES:
         p.append(f"quant.blocksize: must be one of {_BLOCKSIZES}, got {r.quant.blocksize}")
-    _positive(p, "peft.r", r.peft.r)
-    _positive(p, "peft.alpha", r.peft.alpha)
-    if not 0.0 <= r.peft.dropout < 1.0:
-        p.append(f"peft.dropout: must be in [0, 1), got {r.peft.dropout}")
-    if isinstance(r.peft.targets, list) and not r.peft.targets:
-        p.append("peft.targets: empty list; name modules, e.g. [q_proj, v_proj]")
-    if isinstance(r.peft.targets, str):
-        try:
-            re.compile(r.peft.targets)
-        except (re.error, OverflowError, RecursionError) as exc:  # e.g. `a{4294967296}`, deep nesting
-            p.append(f"peft.targets: invalid regex {r.peft.targets!r}: {exc}")
-    if r.peft.method == "full":
-        if r.quant.method != "none":
-            p.append(f"peft.method: 'full' trains every weight, and a {r.quant.method} base cannot be trained; "
-                     "set quant.method: none (or peft.method: lora for QLoRA)")
-        if r.distributed.deepspeed_config is not None or r.distributed.engine == "deepspeed":
-            p.append("peft.method: 'full' is not supported under DeepSpeed yet; use distributed.engine: ddp "
-                     "(or auto without deepspeed_config)")
-        elif r.distributed.engine == "fsdp":
-            p.append("peft.method: 'full' is not supported under FSDP yet; use distributed.engine: ddp or auto")
+    p.extend(check_peft(r))
     c = r.compare
     if not c.variants:
-        p.append("compare.variants: empty list; name some of base, full, lora, qlora")
+        p.append("compare.variants: empty list; name base and some methods, e.g. [base, lora, ia3, prompt_tuning]")
     elif len(set(c.variants)) != len(c.variants):
         p.append(f"compare.variants: {c.variants} names a variant twice")
+    for v in c.variants:
+        p.extend(check_variant(v))
     if c.full_lr is not None:
         _positive(p, "compare.full_lr", c.full_lr)
+    for name, lr in c.method_lr.items():
+        if name not in METHOD_RULES:
+            p.append(f"compare.method_lr.{name}: not a method (methods: {', '.join(METHOD_RULES)})")
+        elif isinstance(lr, float):  # (a value of the wrong type is already reported)
+            _positive(p, f"compare.method_lr.{name}", lr)
     if c.max_gen_rows is not None:
         _positive(p, "compare.max_gen_rows", c.max_gen_rows, allow_zero=True)
     _positive(p, "compare.max_new_tokens", c.max_new_tokens)

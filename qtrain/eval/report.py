@@ -10,10 +10,24 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from qtrain.config.methods import METHOD_RULES
+from qtrain.config.peft_checks import split_variant
 from qtrain.eval.rouge import ROUGE_TYPES
 
-LABELS = {"base": "base (untouched)", "full": "full fine-tune", "lora": "LoRA (16-bit base)",
-          "qlora": "QLoRA (NF4 base)"}
+METHOD_LABELS = {"full": "full fine-tune", "lora": "LoRA", "dora": "DoRA", "ia3": "(IA)³",
+                 "prompt_tuning": "prompt tuning", "prefix_tuning": "prefix tuning", "bottleneck": "bottleneck adapter",
+                 "compacter": "compacter", "bitfit": "BitFit", "freeze": "layer freezing", "diff_pruning": "diff pruning"}
+
+
+def label(variant: str) -> str:
+    """A table/legend label: `base (untouched)`, `full fine-tune`, `LoRA (NF4 base)`, `(IA)³ (16-bit base)`, ..."""
+    method, quant = split_variant(variant)
+    if method == "base":
+        return "base (untouched)"
+    name = METHOD_LABELS.get(method, method)
+    if quant is None or METHOD_RULES[method].unquantized_base:  # (its base is always 16-bit)
+        return name
+    return f"{name} ({'NF4' if quant == 'nf4' else '16-bit'} base)"
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 
 
@@ -31,16 +45,22 @@ def _num(value: Optional[float], fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def _pct(value: Optional[float]) -> str:
+    """Three decimals, or three significant digits below 0.1 % (prompt tuning trains ~0.001 %)."""
+    if value is None:
+        return "—"
+    return format(value, ".3f") if value >= 0.1 else format(value, ".3g")
+
+
 def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     """One row of table cells per variant, in the order given."""
     rows = []
     for r in results:
         rouge = r.get("rouge") or {}
-        trainable, total = r.get("trainable_params"), r.get("total_params")
-        pct = None if trainable is None or not total else 100.0 * trainable / total
-        rows.append([LABELS.get(r["variant"], r["variant"]),
+        trainable, pct = r.get("trainable_params"), trainable_percent(r)
+        rows.append([label(r["variant"]),
                      "0" if r["variant"] == "base" else _num(trainable, ","),
-                     "0" if r["variant"] == "base" else _num(pct, ".3f"),
+                     "0" if r["variant"] == "base" else _pct(pct),
                      human_bytes(r.get("artifact_bytes")),
                      _num(r.get("peak_memory_mib"), ".0f"),
                      _num(r.get("train_seconds"), ".1f"),
@@ -101,7 +121,7 @@ def plot_loss_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> 
     fig, ax = _figure()
     for variant, points in curves.items():
         steps, losses = zip(*points)
-        ax.plot(steps, losses, label=LABELS.get(variant, variant), linewidth=1.6)
+        ax.plot(steps, losses, label=label(variant), linewidth=1.6)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss (mean token NLL)")
     ax.set_title("Training loss")
@@ -122,7 +142,7 @@ def plot_rouge(results: list[dict[str, Any]], path: Path) -> Optional[Path]:
     width = 0.8 / len(scored)
     for i, r in enumerate(scored):
         xs = [k + (i - (len(scored) - 1) / 2) * width for k in range(len(ROUGE_TYPES))]
-        bars = ax.bar(xs, [r["rouge"][k] for k in ROUGE_TYPES], width, label=LABELS.get(r["variant"], r["variant"]))
+        bars = ax.bar(xs, [r["rouge"][k] for k in ROUGE_TYPES], width, label=label(r["variant"]))
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax.set_xticks(range(len(ROUGE_TYPES)), [ROUGE_NAMES[k] for k in ROUGE_TYPES])
     ax.set_ylabel("F1")
@@ -130,6 +150,37 @@ def plot_rouge(results: list[dict[str, Any]], path: Path) -> Optional[Path]:
     ax.set_title("ROUGE on the eval split")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return path
+
+
+def trainable_percent(result: dict[str, Any]) -> Optional[float]:
+    trainable, total = result.get("trainable_params"), result.get("total_params")
+    return None if trainable is None or not total else 100.0 * trainable / total
+
+
+def plot_rouge_vs_trainable(results: list[dict[str, Any]], path: Path) -> Optional[Path]:
+    """ROUGE-1 against the trained share of parameters (log x), one point per method: the lecture's
+    chart on our data. None (and no file at `path`) with fewer than one trained, scored variant."""
+    points = [(trainable_percent(r), r["rouge"]["rouge1"], r) for r in results
+              if r.get("rouge") and trainable_percent(r)]
+    base = next((r for r in results if r["variant"] == "base" and r.get("rouge")), None)
+    if not points:
+        path.unlink(missing_ok=True)
+        return None
+    fig, ax = _figure()
+    for pct, score, r in points:
+        ax.scatter([pct], [score], s=36, zorder=3)
+        ax.annotate(label(r["variant"]), (pct, score), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if base is not None:
+        ax.axhline(base["rouge"]["rouge1"], color="grey", linestyle="--", linewidth=1, label=label("base"))
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the model, log scale)")
+    ax.set_ylabel("ROUGE-1 (F1)")
+    ax.set_title("ROUGE-1 vs trainable parameters")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(str(path))
     return path

@@ -36,6 +36,7 @@ from qtrain.infer.sampling import SamplingConfig
 from qtrain.models.arch import is_encoder_decoder
 from qtrain.models.load import load_model
 from qtrain.models.tokenizer import load_tokenizer
+from qtrain.peft.registry import method_for
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.models.precision import Precision, resolve_precision
 from qtrain.train.packing_check import configure_batches
@@ -71,10 +72,11 @@ def pick_adapter(recipe: Recipe, opts: EvalOptions) -> Optional[Path]:
 
 def full_model_dir(recipe: Recipe, opts: EvalOptions) -> Optional[Path]:
     """After full fine-tuning the trained model is `<output_dir>/model`; it is evaluated as the base, with no
-    adapter. None for LoRA recipes, or when --adapter/--no-adapter says otherwise."""
-    if recipe.peft.method != "full" or opts.adapter or opts.no_adapter:
+    adapter. None for adapter methods, or when --adapter/--no-adapter says otherwise."""
+    method = method_for(recipe.peft)
+    if not method.artifact_is_model or opts.adapter or opts.no_adapter:
         return None
-    path = Path(recipe.output_dir) / "model"
+    path = Path(recipe.output_dir) / method.artifact_dir
     if not (path / "config.json").is_file():
         raise CheckpointError(f"fine-tuned model not found: {path} (no config.json); train first, "
                               "or --no-adapter to evaluate the base")

@@ -2,7 +2,9 @@
 
 Rows are left-padded so every row's last prompt token sits in the last column; position ids
 count real tokens only (pads get 0 and are masked out), so a row's positions, and therefore
-its logits, are those it would have alone. A row stops at EOS (not included in its output) or
+its logits, are those it would have alone. The prefill goes through the method hook
+(qtrain.peft.sequence): prompt/prefix tuning prepend virtual positions, which the returned
+attention mask covers, so positions and the growing mask include them. A row stops at EOS (not included in its output) or
 after `max_new_tokens`; the batch stops when every row has.
 
 Encoder-decoder models (T5 family): the prompts, right-padded and masked, go through the encoder
@@ -21,6 +23,7 @@ from torch import nn
 
 from qtrain.infer.sampling import SamplingConfig, next_tokens
 from qtrain.models.arch import decoder_start_id, model_is_encoder_decoder
+from qtrain.peft.sequence import prepare_call
 
 # on_token(row, token_id): called for every generated token that is kept (not EOS), in order.
 TokenCallback = Callable[[int, int], None]
@@ -78,8 +81,13 @@ def _causal_start(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: in
                   device: torch.device) -> tuple[torch.Tensor, Advance]:
     """Prefill the left-padded prompts; (last logits, advance) over the growing KV cache."""
     ids, mask = pad_prompts(prompts, pad_id, device, left=True)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    # Through the method hook: prompt/prefix tuning add virtual positions, covered by the mask it returns.
+    call, _ = prepare_call(model, {"input_ids": ids, "attention_mask": mask}, generation=True)
+    mask = call["attention_mask"]
+    fed = call["input_ids"] if "input_ids" in call else call["inputs_embeds"]
+    # The mask may also cover positions already in the cache (prefix tuning): positions of the fed ones only.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -fed.shape[1]:]
+    out = model(**call, position_ids=positions, use_cache=True, logits_to_keep=1)
     state = {"out": out, "mask": mask, "last": positions[:, -1:]}
 
     def advance(tokens: torch.Tensor) -> torch.Tensor:
@@ -96,7 +104,9 @@ def _seq2seq_start(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: i
                    device: torch.device) -> tuple[torch.Tensor, Advance]:
     """Encode the right-padded prompts once; (logits after the decoder start token, advance)."""
     ids, mask = pad_prompts(prompts, pad_id, device, left=False)
-    encoded = model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True)
+    call, _ = prepare_call(model, {"input_ids": ids, "attention_mask": mask}, generation=True)
+    mask = call["attention_mask"]
+    encoded = model.get_encoder()(**call, return_dict=True)
     state = {"past": None}
 
     def advance(tokens: torch.Tensor) -> torch.Tensor:

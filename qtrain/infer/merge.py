@@ -1,7 +1,10 @@
 """`qtrain merge`: fold an adapter into its base and write a plain Hugging Face model dir.
 
-Every adapted weight becomes W' = cast(W + s·B·A), with W dequantized to fp32 and the sum taken
-in fp32, so the only rounding is the final cast to the output dtype. W is what inference with
+Every adapted weight becomes W' = cast(merged), with W dequantized to fp32 and the method's math
+(LoRA W + s·B·A, DoRA m·V/‖V‖, (IA)³ row or column scaling, BitFit's bias, diff pruning's delta;
+layer freezing's trained blocks replace the base's) done in fp32, so the only rounding is the final
+cast to the output dtype. Prompt/prefix tuning and bottleneck adapters change no weight and are
+refused before anything loads. W is what inference with
 the adapter uses: the NF4 base dequantized (default, as training saw it; the NF4 bytes depend
 on the dtype the base was loaded in, `--base-dtype`, so it must match the recipe's
 `model.dtype`) or the original weights (`--no-quant`). Every other 4-bit layer is dequantized
@@ -31,7 +34,12 @@ from qtrain.checkpoint.atomic import atomic_dir
 from qtrain.errors import ConfigError
 from qtrain.infer.decode import model_device
 from qtrain.infer.load import DTYPES, BaseOptions, load_with_adapters
-from qtrain.infer.multi_lora import MultiLoRALinear
+from qtrain.models.arch_spec import declare_biases
+from qtrain.peft.artifact import read_config
+from qtrain.peft.freeze import FreezeBlocks
+from qtrain.peft.holder import holders
+from qtrain.peft.multi_linear import MultiAdapterLinear
+from qtrain.peft.registry import method_of_artifact
 from qtrain.infer.prompts import encode_prompt
 from qtrain.models.arch import decoder_start_id, model_is_encoder_decoder
 from qtrain.quant.linear import NF4Linear, dense_weight_fn
@@ -55,12 +63,13 @@ class MergeOptions:
 
 
 def dense_linear(layer: nn.Module, out_dtype: torch.dtype, adapter: Optional[str]) -> nn.Linear:
-    """An nn.Linear holding `layer`'s base weight (dequantized) plus, if named, its adapter's s·B·A."""
-    base = layer.base_layer if isinstance(layer, MultiLoRALinear) else layer
-    weight = dense_weight_fn(base)(torch.float32).clone()
-    if adapter is not None and isinstance(layer, MultiLoRALinear) and adapter in layer.adapters:
-        weight += layer.delta(adapter).to(weight.device)
-    bias = getattr(base, "bias", None)
+    """An nn.Linear holding `layer`'s base weight and bias (dequantized) with adapter `adapter` folded in
+    by its own math (LoRA, DoRA, (IA)³, BitFit, diff pruning), in fp32 and cast once."""
+    if isinstance(layer, MultiAdapterLinear):
+        base, (weight, bias) = layer.base_layer, layer.dense_merged(adapter)
+    else:
+        base, weight = layer, dense_weight_fn(layer)(torch.float32)
+        bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().float()
     out = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device, dtype=out_dtype)
     with torch.no_grad():
         out.weight.copy_(weight.to(out_dtype))
@@ -71,20 +80,32 @@ def dense_linear(layer: nn.Module, out_dtype: torch.dtype, adapter: Optional[str
 
 
 def fold_adapter(model: nn.Module, adapter: str, out_dtype: torch.dtype) -> int:
-    """Replace every MultiLoRALinear and NF4Linear by a dense merged nn.Linear and cast every parameter to
-    `out_dtype`; returns how many layers got the adapter.
+    """Make `model` (adapter `adapter` active) a plain dense model: every MultiAdapterLinear and NF4Linear becomes
+    a dense merged nn.Linear, the adapter holders leave (layer freezing's blocks stay swapped in), every parameter
+    is cast to `out_dtype`. Returns how many layers or blocks carry the adapter.
 
-    Buffers keep their dtype (rotary tables are recomputed in fp32 on load anyway); parameters are
-    cast in place so tied embeddings stay tied.
+    A bias the adapter gave a bias-less linear (BitFit) is declared in the config (architecture spec's
+    bias flags), or refused where the family's config cannot declare one. Buffers keep their dtype
+    (rotary tables are recomputed in fp32 on load anyway); parameters are cast in place so tied
+    embeddings stay tied.
     """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (MultiLoRALinear, NF4Linear))]
-    wrappers = {n for n, m in layers if isinstance(m, MultiLoRALinear)}
-    merged = 0
+    merged = sum(len(h.adapters[adapter]) for h in holders(model).values()
+                 if isinstance(h, FreezeBlocks) and adapter in h.adapters)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (MultiAdapterLinear, NF4Linear))]
+    wrappers = {n for n, m in layers if isinstance(m, MultiAdapterLinear)}
+    gained = []
     for name, layer in layers:
         if name.rpartition(".")[0] in wrappers:
             continue  # the base of a wrapper, replaced with the wrapper
-        merged += int(isinstance(layer, MultiLoRALinear) and adapter in layer.adapters)
-        model.set_submodule(name, dense_linear(layer, out_dtype, adapter))
+        merged += int(isinstance(layer, MultiAdapterLinear) and adapter in layer.adapters)
+        dense = dense_linear(layer, out_dtype, adapter)
+        if dense.bias is not None and getattr(getattr(layer, "base_layer", layer), "bias", None) is None:
+            gained.append(name)
+        model.set_submodule(name, dense)
+    declare_biases(model, gained)
+    for name in [n for n, h in holders(model).items() if not isinstance(h, MultiAdapterLinear)]:
+        parent, _, leaf = name.rpartition(".")
+        delattr(model.get_submodule(parent) if parent else model, leaf)
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != out_dtype:
@@ -115,6 +136,9 @@ def merge_to_dir(opts: MergeOptions) -> dict:
     out = Path(opts.out)
     _check_out_dir(out)
     out_dtype = DTYPES[opts.dtype]
+    method = method_of_artifact(read_config(opts.adapter), str(Path(opts.adapter) / "adapter_config.json"))
+    if method.merge_refusal:
+        raise ConfigError(f"--adapter {opts.adapter}: a {method.name} adapter cannot be merged: {method.merge_refusal}")
     model, aset, tokenizer, base_dir = load_with_adapters({"default": opts.adapter}, opts.base, opts.base_options)
     probe = encode_prompt(tokenizer, PROBE_TEXT, model_is_encoder_decoder(model))
     reference = probe_logits(model, probe)

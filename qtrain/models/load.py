@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -74,12 +74,17 @@ def quantizable_linears(model: nn.Module) -> set[str]:
             if isinstance(m, nn.Linear) and m is not head and not keep_in_fp32(model, n)}
 
 
-def param_dtype(model: nn.Module, key: str, dtype: torch.dtype) -> torch.dtype:
+def param_dtype(model: nn.Module, key: str, dtype: torch.dtype, dense: tuple[str, ...] = ()) -> torch.dtype:
     """The dtype a floating-point tensor `key` is placed in: `dtype`, except fp32 for a keep-in-fp32
-    module under fp16 (as transformers' from_pretrained does)."""
-    if dtype == torch.float16 and keep_in_fp32(model, key.rpartition(".")[0]):
+    module under fp16 (as transformers' from_pretrained does) and for the caller's dense modules."""
+    module = key.rpartition(".")[0]
+    if (dtype == torch.float16 and keep_in_fp32(model, module)) or under(module, dense):
         return torch.float32
     return dtype
+
+
+def under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
@@ -93,18 +98,22 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, quantize: NF4Spec | None,
-               backend: str = "bnb", trust_remote_code: bool = False, shard: RowShard = RowShard()) -> nn.Module:
+               backend: str = "bnb", trust_remote_code: bool = False, shard: RowShard = RowShard(),
+               dense: Callable[[nn.Module], list[str]] | None = None) -> nn.Module:
     """Load `model_dir` onto `device`; with `quantize`, every non-head linear becomes an `NF4Linear`.
 
     With a sharded `shard`, every frozen base tensor holds only this rank's rows (marked with
     the whole tensor's shape) until an engine adopts them; see the module docstring.
+    `dense(skeleton)` names modules kept out of quantization: their tensors load unquantized in fp32
+    (layer freezing trains them in full precision while the rest of the model stays 4-bit).
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"model.path: {model_dir} is not a Hugging Face model dir (no config.json)")
     files = shard_files(model_dir)
     model = build_skeleton(model_dir, dtype, trust_remote_code)
-    to_quantize = quantizable_linears(model) if quantize is not None else set()
+    keep = tuple(dense(model)) if dense is not None else ()
+    to_quantize = {n for n in quantizable_linears(model) if not under(n, keep)} if quantize is not None else set()
     # Every name, tied aliases included (T5's lm_head / encoder.embed_tokens of `shared`): a checkpoint
     # that holds an alias's own tensor gets it untied, as transformers' from_pretrained does.
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -125,7 +134,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
             continue
         if key not in params:
             continue  # e.g. rotary tables some checkpoints carry; the model builds its own
-        place_parameter(model, key, local_parameter(fh, stored, shard, device, param_dtype(model, key, dtype)))
+        place_parameter(model, key, local_parameter(fh, stored, shard, device, param_dtype(model, key, dtype, keep)))
         loaded.add(key)
     for name, bias in biases.items():
         model.get_submodule(name).bias = bias

@@ -1,27 +1,12 @@
-"""Attach adapters by replacing target module *instances*; transformers' classes stay untouched."""
+"""Attach adapters by replacing target module *instances*; transformers' classes stay untouched.
+
+The mechanism is in layer.py (linear-layer methods) and each method's file; this module keeps
+the LoRA entry points other code and tests call by name.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from qtrain.peft.layer import LINEAR_TYPES, adapted_linears
+from qtrain.peft.lora import inject_lora, lora_modules
 
-from qtrain.config.schema import PeftConfig
-from qtrain.peft.lora import LoRALinear
-from qtrain.peft.targets import find_targets
-from qtrain.quant.linear import NF4Linear
-
-LINEAR_TYPES = (nn.Linear, NF4Linear)
-
-
-def inject_lora(model: nn.Module, cfg: PeftConfig) -> list[str]:
-    """Freeze every parameter, then wrap each target linear in a `LoRALinear`; returns their names."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    names = find_targets(model, cfg.targets, LINEAR_TYPES)
-    for name in names:
-        base = model.get_submodule(name)
-        model.set_submodule(name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora))
-    return names
-
-
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+__all__ = ["LINEAR_TYPES", "adapted_linears", "inject_lora", "lora_modules"]

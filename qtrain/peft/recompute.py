@@ -8,7 +8,7 @@
   ~11 GB for a Llama-8B step of 4k tokens, so it is for small models or short sequences.
 
 Measured on the CPU benchmark (hidden 1024 x 8 layers, 512 tokens): see benchmarks/results.
-Which linears keep their output is decided per module (`LoRALinear.keep_output`); the policy
+Which linears keep their output is decided per module (`AdaptedLinear.keep_output`); the policy
 reads it through a context variable the module sets around its own matmuls.
 """
 
@@ -25,6 +25,7 @@ from torch import nn
 _KEEP = contextvars.ContextVar("qtrain_keep_matmul_output", default=False)
 _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 _ATTENTION_PREFIX = "aten._scaled_dot_product"
+# Llama's names: the policy's fallback for a model family without an architecture spec.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -57,8 +58,11 @@ def checkpoint_kwargs(recompute: str) -> dict:
     return kwargs
 
 
-def mark_kept_outputs(lora_layers: dict[str, nn.Module], recompute: str) -> None:
-    """Set `keep_output` on the LoRA layers whose matmul outputs the policy keeps."""
-    for name, mod in lora_layers.items():
+def mark_kept_outputs(layers: dict[str, nn.Module], recompute: str,
+                      attention: tuple[str, ...] = ATTENTION_PROJECTIONS) -> None:
+    """Set `keep_output` on the adapted layers whose matmul outputs the policy keeps; `attention`
+    are the leaf names of the attention's projections (from the architecture spec: fused qkv and
+    T5's q/k/v/o included)."""
+    for name, mod in layers.items():
         leaf = name.rsplit(".", 1)[-1]
-        mod.keep_output = recompute == "matmuls" or (recompute == "attention" and leaf in ATTENTION_PROJECTIONS)
+        mod.keep_output = recompute == "matmuls" or (recompute == "attention" and leaf in attention)

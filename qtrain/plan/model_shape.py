@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qtrain.config.schema import Recipe
-from qtrain.errors import ModelError
+from qtrain.errors import ConfigError, ModelError
 
 # Leaf name -> role in a decoder layer. The input of each role's linears is a different tensor
 # (attn_in: the first norm's output; attn_out: attention's output; mlp_in: the second norm's
@@ -32,6 +32,8 @@ ROLES = {
     "down_proj": "mlp_out",
 }
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+# The fine-tuning methods the memory model describes (adapter tensors, activations, optimizer state).
+MODELED_METHODS = ("lora", "full")
 
 
 @dataclass(frozen=True)
@@ -107,14 +109,15 @@ def _skeleton(config: Any, trust_remote_code: bool):
 
 
 def _linears(model, quantize: bool, targets) -> tuple[Linear, ...]:
-    """Every nn.Linear; `targets` None means no adapter (full fine-tuning), else the injector's own match."""
+    """Every nn.Linear; `targets` None means no adapter (full fine-tuning), else LoRA's own match
+    (`auto` / `all-linear` resolved by the architecture spec, as the injector does)."""
     from torch import nn
 
     from qtrain.models.load import quantizable_linears
-    from qtrain.peft.targets import find_targets
+    from qtrain.peft.registry import get_method
 
     quantized = quantizable_linears(model) if quantize else set()
-    adapted = set(find_targets(model, targets, (nn.Linear,))) if targets is not None else set()
+    adapted = set(get_method("lora").target_names(model, targets, (nn.Linear,))) if targets is not None else set()
     out = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
@@ -145,8 +148,17 @@ def _check_modeled(config: Any, linears: tuple[Linear, ...]) -> None:
         raise ModelError(f"qtrain plan: model_type {kind!r} has no {', '.join(missing)} in its config")
 
 
+def check_method(recipe: Recipe) -> None:
+    """Refuse a method the memory model does not describe (a run's header then says 'no estimate')."""
+    if recipe.peft.method not in MODELED_METHODS:
+        raise ConfigError(f"qtrain plan: peft.method: {recipe.peft.method!r} is not in the memory model yet (it "
+                          f"covers {', '.join(MODELED_METHODS)}); measure its first steps instead with "
+                          "python -m qtrain.train.memtrack RECIPE --out DIR")
+
+
 def model_shape(recipe: Recipe) -> ModelShape:
     """Read the recipe's base model shape (config only) with the recipe's quantization and targets applied."""
+    check_method(recipe)
     config = transformers_config(recipe)
     model = _skeleton(config, recipe.model.trust_remote_code)
     quantize = recipe.quant.method == "nf4" and recipe.peft.method != "full"

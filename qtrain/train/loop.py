@@ -13,6 +13,7 @@ from qtrain.data import Example, collate
 from qtrain.data.pipeline import ExampleStream
 from qtrain.errors import EXIT_NONFINITE, EXIT_PREEMPTED, TrainingStopped
 from qtrain.models.arch import collate_start_id
+from qtrain.peft.registry import method_for
 from qtrain.train.checkpointing import save_checkpoint
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import PreemptFlag
@@ -91,6 +92,14 @@ def loss_sum_of(s: Session, batch: dict[str, torch.Tensor], model=None) -> torch
     return batch_loss_sum(logits, batch)
 
 
+def with_penalty(s: Session, objective: torch.Tensor) -> torch.Tensor:
+    """Add the method's regularizer (diff pruning's L0 penalty) once per optimizer step: in the last
+    micro-batch's backward, so the engine reduces it with the rest (each rank adds it; the average
+    over ranks is the penalty once, as in one process). The logged loss stays the LM loss."""
+    penalty = method_for(s.recipe.peft).penalty(s.model)
+    return objective if penalty is None else objective + penalty
+
+
 def train_step(s: Session, micro_batches: list[list[Example]], poison: bool = False,
                backward_factor: float = 1.0) -> StepResult:
     """One optimizer step over `grad_accum` micro-batches; the loss is the mean over all their trained tokens.
@@ -109,11 +118,13 @@ def train_step(s: Session, micro_batches: list[list[Example]], poison: bool = Fa
     scale = s.env.world_size / n_trained
     total = 0.0
     for i, batch in enumerate(batches):
-        with s.engine.accumulating(last=i == len(batches) - 1):
+        last = i == len(batches) - 1
+        with s.engine.accumulating(last=last):
             loss_sum = loss_sum_of(s, batch, s.forward_model)
             if poison:
                 loss_sum = loss_sum * math.nan
-            s.engine.backward(loss_sum * (scale * backward_factor), s.scaler)
+            objective = with_penalty(s, loss_sum * scale) if last else loss_sum * scale
+            s.engine.backward(objective * backward_factor, s.scaler)
         total += float(loss_sum.detach())
     (total,) = s.engine.all_reduce_sum([total])
     loss = total / n_trained

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.peft.sequence import model_logits
+
 IGNORE_INDEX = -100
 
 
@@ -53,8 +55,9 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | boo
 
 
 def batch_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits for a collated batch: the causal LM's over input_ids, or the decoder's."""
-    return model(**model_inputs(batch)).logits
+    """The model's logits for a collated batch: the causal LM's over input_ids, or the decoder's; through
+    the method hook, so prompt/prefix tuning see every training and eval batch (one row per real token)."""
+    return model_logits(model, model_inputs(batch))
 
 
 def batch_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

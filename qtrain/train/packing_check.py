@@ -16,11 +16,20 @@ import torch
 from torch import nn
 
 from qtrain.data import DataBundle
-from qtrain.errors import ModelError
+from qtrain.errors import ConfigError, ModelError
+from qtrain.peft.sequence import PACKED_REFUSAL, sequence_adapter
+
 
 def flat_batches(padding_free: str | bool, model: nn.Module) -> bool:
-    """Whether micro-batches are flattened into one padding-free row (`data.padding_free`: auto, true, false)."""
+    """Whether micro-batches are flattened into one padding-free row (`data.padding_free`: auto, true, false).
+
+    A model with a sequence adapter (prompt/prefix tuning) pads under `auto`: its virtual positions
+    go before every row, which one flat row cannot hold (`true` is then a ConfigError)."""
     if getattr(model.config, "is_encoder_decoder", False) or padding_free is False:
+        return False
+    if sequence_adapter(model) is not None:
+        if padding_free is True:
+            raise ConfigError(f"data.padding_free: true, but {PACKED_REFUSAL}")
         return False
     if padding_free is True:
         return True

@@ -9,9 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from qtrain.checkpoint.adapter_io import save_adapter
 from qtrain.checkpoint.atomic import atomic_write_text
-from qtrain.checkpoint.full_io import save_model_dir
 from qtrain.checkpoint.lock import RunLock
 from qtrain.checkpoint.resume import find_resume_point, warn
 from qtrain.checkpoint.space import disk_full_stop, space_warning
@@ -21,6 +19,8 @@ from qtrain.data.pipeline import ExampleStream
 from qtrain.distributed.collectives import any_rank, process_group
 from qtrain.distributed.env import DistEnv, read_env
 from qtrain.errors import EXIT_PREEMPTED, ConfigError, QtrainError, TrainingStopped
+from qtrain.peft.method import ArtifactContext
+from qtrain.peft.registry import method_for
 from qtrain.plan.planner import RunEstimate, run_estimate
 from qtrain.train.checkpointing import checkpoint_optimizer, checkpoint_size_mib, newest_checkpoint_text
 from qtrain.train.faults import FaultPlan
@@ -69,8 +69,7 @@ def _say(s: Session, text: str) -> None:
 def _header(s: Session, estimate: RunEstimate) -> str:
     trainable, total = param_counts(s.model, s.engine.numel)
     r = s.recipe
-    what = ("full fine-tuning (fp32 master weights)" if r.peft.method == "full"
-            else f"LoRA r={r.peft.r} on {len(s.target_names)} layers")
+    what = method_for(r.peft).describe(r.peft, s.target_names)
     scaling = " with dynamic loss scaling" if s.scaler.enabled else ""
     return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
             f"of {total:,} params ({100 * trainable / total:.3f}%)\n"
@@ -80,8 +79,8 @@ def _header(s: Session, estimate: RunEstimate) -> str:
 
 
 def artifact_dir(recipe: Recipe) -> Path:
-    """What a finished run leaves to use: `adapter/` (PEFT format), or `model/` after full fine-tuning."""
-    return Path(recipe.output_dir) / ("model" if recipe.peft.method == "full" else "adapter")
+    """What a finished run leaves to use: `adapter/` (the method's format), or `model/` after full fine-tuning."""
+    return Path(recipe.output_dir) / method_for(recipe.peft).artifact_dir
 
 
 def build_summary(s: Session, state: RunState, estimate: RunEstimate) -> dict:
@@ -115,6 +114,7 @@ def build_summary(s: Session, state: RunState, estimate: RunEstimate) -> dict:
         "method": s.recipe.peft.method,
         "lora_layers": len(s.target_names),
         "data": vars(s.data.report),
+        **method_for(s.recipe.peft).report(s.model),
     }
 
 
@@ -130,9 +130,10 @@ def _closing(summary: dict, out: Path, artifacts: dict[str, Path]) -> str:
 
 
 def artifact_mib(s: Session) -> float:
-    """The final artifact's size: the adapter in fp32, or after full fine-tuning every weight in the compute dtype."""
+    """The final artifact's size: the trainable state in fp32, or for a method that leaves a whole model
+    (full fine-tuning) every weight in the compute dtype."""
     trainable, total = param_counts(s.model, s.engine.numel)
-    if s.recipe.peft.method == "full":
+    if method_for(s.recipe.peft).artifact_is_model:
         return total * s.precision.dtype.itemsize / 2**20
     return trainable * 4 / 2**20
 
@@ -144,13 +145,11 @@ def warn_if_space_short(s: Session) -> None:
 
 
 def save_artifacts(s: Session, summary: dict) -> None:
-    """The run's result (adapter, or full model dir) and summary.json, each written atomically
-    (rank 0, inside the engine's `whole_trainable`)."""
+    """The run's result (the method's artifact: an adapter, or a full model dir) and summary.json, each
+    written atomically (rank 0, inside the engine's `whole_trainable`)."""
     recipe = s.recipe
-    if recipe.peft.method == "full":
-        save_model_dir(s.model, s.tokenizer, s.precision.dtype, artifact_dir(recipe))
-    else:
-        save_adapter(s.model, recipe.peft, str(s.base_dir.resolve()), artifact_dir(recipe))
+    ctx = ArtifactContext(recipe.peft, str(s.base_dir.resolve()), s.tokenizer, s.precision.dtype)
+    method_for(recipe.peft).save_artifact(s.model, ctx, artifact_dir(recipe))
     atomic_write_text(Path(recipe.output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 

@@ -23,7 +23,8 @@ from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
 from qtrain.models.precision import Precision, resolve_precision, storage_dtype
 from qtrain.models.tokenizer import load_tokenizer
-from qtrain.peft.inject import inject_lora, lora_modules
+from qtrain.peft.recompute import checkpoint_kwargs
+from qtrain.peft.registry import method_for
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.quant.shard import RowShard
 from qtrain.train.loss import fused_ce_supported
@@ -31,9 +32,7 @@ from qtrain.train.optim import build_optimizer, build_scheduler
 from qtrain.train.packing_check import configure_batches
 from qtrain.train.scaler import LossScaler
 from qtrain.train.sinks import check_available as check_loggers
-from qtrain.peft.recompute import checkpoint_kwargs, mark_kept_outputs
 from qtrain_kernels import dispatch
-
 
 
 @dataclass
@@ -70,15 +69,13 @@ def kernel_backend(recipe: Recipe) -> str:
 
 def fused_ce_backend(recipe: Recipe, model: nn.Module, engine_owns_forward: bool) -> str | None:
     """"triton" when the fused linear + cross-entropy replaces the logits: `kernels: triton`, a plain
-    lm_head, a decoder-only LoRA run, and an engine that lets the loss call submodules directly
-    (under DDP/DeepSpeed/FSDP the forward must go through their wrapper or hooks)."""
+    lm_head, a decoder-only model, a method that allows it, and an engine that lets the loss call
+    submodules directly (under DDP/DeepSpeed/FSDP the forward must go through their wrapper or hooks)."""
     if kernel_backend(recipe) != "triton" or engine_owns_forward or not fused_ce_supported(model):
         return None
     if getattr(model.config, "is_encoder_decoder", False):  # the fused loss is written for decoder-only LMs
         return None
-    if recipe.peft.method == "full":
-        # Full fine-tuning trains the head from fp32 master weights under autocast; the fused loss
-        # accumulates dW in the compute dtype and assumes a frozen head in it.
+    if not method_for(recipe.peft).fused_loss:  # e.g. full fine-tuning's fp32 head, virtual tokens
         return None
     return "triton"
 
@@ -109,33 +106,26 @@ def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Pat
     return base_dir
 
 
-def build_model(recipe: Recipe, base_dir: Path, device: torch.device,
-                precision: Precision | None = None, shard: RowShard = RowShard()) -> tuple[nn.Module, list[str]]:
-    """Streamed (4-bit) base with LoRA attached; only LoRA parameters require grad. Under an engine
-    that shards the base, each rank loads only its rows (`shard`); the adapter is created whole.
+def build_model(recipe: Recipe, base_dir: Path, device: torch.device, precision: Precision | None = None,
+                tokenizer=None, shard: RowShard = RowShard()) -> tuple[nn.Module, list[str]]:
+    """The streamed (4-bit) base with the recipe's method attached; only the method's parameters
+    require grad. Returns the model and the names of the modules the method adapted. Under an
+    engine that shards the base, each rank loads only its rows (`shard`); the adapter is created whole.
 
-    Full fine-tuning (`peft.method: full`) instead loads the base unquantized with fp32 master
-    weights (compute still runs under the recipe's autocast) and trains every parameter; the
-    returned name list is then empty.
-    """
-    full = recipe.peft.method == "full"
+    The base loads in the compute dtype `model.dtype` resolves to on `device` unless the method
+    needs otherwise (full fine-tuning: fp32 master weights, unquantized; compute still runs under
+    the recipe's autocast)."""
+    method = method_for(recipe.peft)
     precision = precision or resolve_precision(recipe.model.dtype, device)
-    spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if recipe.quant.method == "nf4" else None
-    dtype = torch.float32 if full else precision.dtype
-    model = load_model(base_dir, dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code, shard)
-    if full:
-        names: list[str] = []
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        names = inject_lora(model, recipe.peft)
+    opts = method.load_options(recipe.peft, precision.dtype, recipe.quant.method == "nf4")
+    spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if opts.quantize else None
+    model = load_model(base_dir, opts.dtype, device, spec, kernel_backend(recipe), recipe.model.trust_remote_code,
+                       shard, dense=opts.dense)
+    names = method.inject(model, recipe.peft, tokenizer)
     model.config.use_cache = False
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(recipe.train.recompute))
-        layers = lora_modules(model)
-        for mod in layers.values():
-            mod.save_weight_for_backward = True
-        mark_kept_outputs(layers, recipe.train.recompute)
+        method.enable_checkpointing(model, recipe.train.recompute)
     return model, names
 
 
@@ -162,7 +152,7 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     base_dir = resolve_base_dir(recipe, tokenizer, env)
     torch.manual_seed(recipe.seed)  # LoRA A init
     shard = engine.row_shard()
-    model, names = build_model(recipe, base_dir, device, precision, shard)
+    model, names = build_model(recipe, base_dir, device, precision, tokenizer, shard)
     model.train()
     optimizer = engine.wrap(model, lambda params: build_optimizer(params, recipe.train, device))
     # A rank holding a share of the base runs the packed-attention probe through the engine (it gathers).

@@ -38,11 +38,11 @@ def losses(out: Path) -> list[tuple[float, float]]:
     return [(r["loss"], r["grad_norm"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
 
 
-def run_single(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_single(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
     """One process with micro-batch 4: what 2 ranks x micro-batch 2 must reproduce."""
     cmd = [sys.executable, "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *TINY,
            "train.micro_batch_size=4", *extra]
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=300)
 
 
 def run_ddp(out: Path, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -50,6 +50,18 @@ def run_ddp(out: Path, *extra: str, fault: str | None = None, timeout: int = 300
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "qtrain", "train", "configs/quickstart.yaml", f"output_dir={out}", *TINY,
            "train.micro_batch_size=2", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=timeout)
+
+
+ZERO2 = "distributed.deepspeed_config=configs/deepspeed/zero2.json"
+
+
+def run_ds(out: Path, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """2 ranks under DeepSpeed's own launcher (ZeRO-2), micro-batch 2 each; on a CPU-only machine
+    `--num_gpus 2` just starts 2 processes."""
+    cmd = [tool("deepspeed"), "--no_local_rank", "--num_nodes", "1", "--num_gpus", "2", "--module", "qtrain", "train",
+           "configs/quickstart.yaml", f"output_dir={out}", *TINY, "train.micro_batch_size=2",
+           "distributed.engine=deepspeed", ZERO2, *extra]
     return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=timeout)
 
 

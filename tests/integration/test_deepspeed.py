@@ -14,19 +14,10 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-from parallel_runs import REPO, TINY, assert_same_training, clean_env, losses, run_single, tool  # noqa: E402
+from parallel_runs import REPO, ZERO2, assert_same_training, clean_env, losses, run_ds, run_single  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-ZERO2 = "distributed.deepspeed_config=configs/deepspeed/zero2.json"
-
-
-def run_ds(out: Path, *extra: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    # DeepSpeed's own launcher; on a CPU-only machine `--num_gpus 2` just starts 2 processes.
-    cmd = [tool("deepspeed"), "--no_local_rank", "--num_nodes", "1", "--num_gpus", "2", "--module", "qtrain", "train",
-           "configs/quickstart.yaml", f"output_dir={out}", *TINY, "train.micro_batch_size=2",
-           "distributed.engine=deepspeed", ZERO2, *extra]
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(fault), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

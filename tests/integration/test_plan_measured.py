@@ -23,7 +23,9 @@ from qtrain.train.memtrack import measure_training_peak
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 TOLERANCE = 0.15
-COMMON = ["logging.progress=false", "train.num_threads=1", "checkpoint.every_steps=0", "model.dtype=float32"]
+# Packed rows: the plan sizes a micro-batch as micro_batch_size x max_len tokens, which packing fills.
+COMMON = ["logging.progress=false", "train.num_threads=1", "checkpoint.every_steps=0", "model.dtype=float32",
+          "data.packing=true"]
 SMALL = ["model.from_config.hidden_size=64", "model.from_config.intermediate_size=160",
          "model.from_config.num_hidden_layers=2", "model.from_config.num_attention_heads=4",
          "model.from_config.num_key_value_heads=2"]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from qtrain.eval.compare import variant_overrides
-from qtrain.eval.report import HEADER, human_bytes, markdown_table, plot_loss_curves, plot_rouge, table_rows
+from qtrain.eval.compare import own_keys, variant_data, variant_settings
+from qtrain.eval.report import (HEADER, human_bytes, label, markdown_table, plot_loss_curves, plot_rouge,
+                                plot_rouge_vs_trainable, table_rows)
 from qtrain.config.schema import Recipe
 
 ROUGE = {"rouge1": 0.5, "rouge2": 0.25, "rougeL": 0.4, "rougeLsum": 0.41}
@@ -49,11 +50,38 @@ def test_plots_are_written_only_when_there_is_something_to_draw(tmp_path):
     assert not (tmp_path / "a.png").exists() and not (tmp_path / "b.png").exists()
 
 
-def test_variants_change_only_method_quantization_and_full_lr():
+def test_variants_set_method_base_and_learning_rate():
     r = Recipe()
-    r.train.lr, r.compare.full_lr = 3e-3, 1e-4
-    assert variant_overrides("full", r) == ["peft.method=full", "quant.method=none", "train.lr=0.0001"]
-    assert variant_overrides("lora", r) == ["peft.method=lora", "quant.method=none"]
-    assert variant_overrides("qlora", r) == ["peft.method=lora", "quant.method=nf4"]
+    r.train.lr, r.compare.full_lr, r.compare.method_lr = 3e-3, 1e-4, {"prompt_tuning": 3e-2}
+    assert variant_settings("full", r) == {"peft.method": "full", "quant.method": "none", "train.lr": 1e-4}
+    assert variant_settings("lora@none", r) == {"peft.method": "lora", "quant.method": "none", "train.lr": 3e-3}
+    assert variant_settings("qlora", r) == {"peft.method": "lora", "quant.method": "nf4", "train.lr": 3e-3}
+    assert variant_settings("ia3", r)["quant.method"] == r.quant.method == "nf4"  # the recipe's base
+    assert variant_settings("prompt_tuning", r)["train.lr"] == 3e-2
+    assert variant_settings("base", r) == {"quant.method": "none"}
     r.compare.full_lr = None
-    assert variant_overrides("full", r)[-1] == "train.lr=0.003"
+    assert variant_settings("full", r)["train.lr"] == 3e-3
+
+
+def test_a_variant_keeps_only_the_peft_keys_its_method_reads(tmp_path):
+    raw = {"output_dir": "x", "peft": {"method": "lora", "r": 8, "alpha": 16, "num_virtual_tokens": 4}}
+    r = Recipe()
+    ia3 = variant_data(raw, "ia3", r, tmp_path)
+    assert ia3["peft"] == {"method": "ia3"} and ia3["output_dir"] == str(tmp_path / "ia3")
+    assert variant_data(raw, "lora@nf4", r, tmp_path)["peft"] == {"method": "lora", "r": 8, "alpha": 16}
+    assert variant_data(raw, "prompt_tuning", r, tmp_path)["peft"] == {"method": "prompt_tuning",
+                                                                       "num_virtual_tokens": 4}
+    assert raw["peft"]["r"] == 8  # the user's dict is untouched
+    # the compare recipe itself is checked as its own method's recipe: other methods' keys are theirs
+    assert own_keys(raw)["peft"] == {"method": "lora", "r": 8, "alpha": 16}
+
+
+def test_labels_name_the_method_and_its_base():
+    assert [label(v) for v in ("base", "full", "lora@none", "qlora", "ia3", "prompt_tuning@nf4")] == [
+        "base (untouched)", "full fine-tune", "LoRA (16-bit base)", "LoRA (NF4 base)", "(IA)³",
+        "prompt tuning (NF4 base)"]
+
+
+def test_rouge_vs_trainable_plot_needs_a_trained_scored_variant(tmp_path):
+    assert plot_rouge_vs_trainable(results()[:1], tmp_path / "a.png") is None
+    assert plot_rouge_vs_trainable(results(), tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"

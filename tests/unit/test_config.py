@@ -127,7 +127,7 @@ def test_kernels_triton_is_a_valid_recipe_value():
 def test_yaml_1_1_float_strings_are_accepted_for_float_fields(tmp_path):
     # YAML 1.1 reads `2e-4` (no dot) and `1e3` as strings; a float field takes them as numbers.
     assert yaml.safe_load("lr: 2e-4")["lr"] == "2e-4"
-    text = QUICKSTART.read_text().replace("lr: 3.0e-3", "lr: 2e-4").replace("alpha: 32", "alpha: 1e3")
+    text = QUICKSTART.read_text().replace("lr: 3.0e-3", "lr: 2e-4").replace("{method: lora}", "{method: lora, alpha: 1e3}")
     r = load_recipe(write(tmp_path / "r.yaml", text))
     assert r.train.lr == 2e-4 and r.peft.alpha == 1000.0
 

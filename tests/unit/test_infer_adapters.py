@@ -50,14 +50,15 @@ def adapter_dirs(tiny_base_dir, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def single_logits(tiny_base_dir, adapter_dirs) -> dict[str, torch.Tensor]:
     """Reference logits of each adapter alone, through the training-side LoRALinear path."""
-    from qtrain.checkpoint.adapter_io import load_adapter_weights, peft_config_of, read_adapter
+    from qtrain.checkpoint.adapter_io import read_adapter
+    from qtrain.peft.lora import LoRA
 
     out = {None: _logits(_load(tiny_base_dir))}
     for name, path in adapter_dirs.items():
         config, tensors = read_adapter(path)
         model = _load(tiny_base_dir)
-        inject_lora(model, peft_config_of(config))
-        load_adapter_weights(model, tensors)
+        inject_lora(model, LoRA().config_from_artifact(config))
+        LoRA().load_state(model, tensors)
         out[name] = _logits(model)
     return out
 

@@ -65,7 +65,9 @@ def test_the_table_names_the_peak_and_the_verdict(capsys):
     ([QUICKSTART, "--gpus", "0"], "--gpus: must be >= 1"),
     ([QUICKSTART, "--gpus", "2", "--engine", "plain"], "--engine: 'plain' is single-process"),
     ([QUICKSTART, "train.micro_batch_size=zero"], "train.micro_batch_size"),
-    (["configs/compare_summarization.yaml"], "encoder-decoder"),
+    ([QUICKSTART, "model.from_config={model_type: t5, d_model: 64, d_ff: 128, d_kv: 16, num_heads: 4, num_layers: 1}"],
+     "encoder-decoder"),
+    ([QUICKSTART, "peft.method=ia3"], "peft.method: 'ia3' is not in the memory model yet"),
 ])
 def test_bad_input_is_one_message_and_exit_2(capsys, args, needle):
     assert main(["plan", *args]) == 2

@@ -74,6 +74,17 @@ def test_targets_and_quantization_follow_the_recipe():
     assert not any(lin.quantized for lin in shape.linears) and shape.dense_params == shape.total_params
 
 
+@pytest.mark.parametrize("method", ["dora", "ia3", "prompt_tuning", "diff_pruning"])
+def test_a_method_outside_the_memory_model_is_refused_and_a_run_gets_no_estimate(method):
+    from qtrain.plan.planner import run_estimate
+
+    over = [f"model.path={MODEL_DIRS[0]}", "model.from_config=null", f"peft.method={method}"]
+    with pytest.raises(ConfigError, match=f"peft.method: '{method}' is not in the memory model yet"):
+        model_shape(load_recipe(QUICKSTART, over))
+    estimate = run_estimate(load_recipe(QUICKSTART, over), MODEL_DIRS[0], 1, "cpu")
+    assert estimate.peak_mib is None and estimate.line.startswith("plan: no estimate (qtrain plan: peft.method")
+
+
 @pytest.mark.parametrize("text,expected", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("81920MiB", 80 * 2**30),
                                            ("24G", 24 * 2**30), ("1.5 TiB", int(1.5 * 2**40)), ("512", 512)])
 def test_memory_sizes_read_as_written(text, expected):
