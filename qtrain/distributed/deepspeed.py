@@ -34,7 +34,6 @@ from torch import nn
 
 from qtrain.checkpoint.train_state import required_files
 from qtrain.checkpoint.tree import flatten, unflatten
-from qtrain.config.methods import METHOD_RULES
 from qtrain.config.schema import Recipe
 from qtrain.distributed import collectives
 from qtrain.distributed.deepspeed_config import build_config, config_stage
@@ -62,9 +61,6 @@ class DeepSpeedEngine(PlainEngine):
         self.config = build_config(recipe, env.world_size)
         self.stage = config_stage(self.config)
         self.engine = None
-        if self.stage == 3 and not METHOD_RULES[recipe.peft.method].sharded_base:
-            raise ConfigError(f"peft.method: {recipe.peft.method!r} is not supported under ZeRO-3 yet (it shards the "
-                              "base); use a ZeRO-1/2 config such as configs/deepspeed/zero2.json (ZeRO-3 runs LoRA)")
 
     def row_shard(self) -> RowShard:
         if self.stage < 3:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qtrain.config.methods import METHOD_RULES
 from qtrain.config.schema import Recipe
 from qtrain.errors import ConfigError
 
@@ -105,7 +106,11 @@ def build_config(recipe: Recipe, world_size: int) -> dict:
         raise ConfigError(f"train.optimizer: {recipe.train.optimizer!r} is not supported under DeepSpeed (its paged "
                           "state was never tested with ZeRO's partitioned buffers); use one of "
                           f"{', '.join(SUPPORTED_OPTIMIZERS)}")
-    return {**user, **derived}
+    config = {**user, **derived}
+    if config_stage(config) == 3 and not METHOD_RULES[recipe.peft.method].sharded_base:
+        raise ConfigError(f"peft.method: {recipe.peft.method!r} is not supported under ZeRO-3 yet (it shards the "
+                          f"base; {path}); use a ZeRO-1/2 config such as configs/deepspeed/zero2.json (ZeRO-3 runs LoRA)")
+    return config
 
 
 def config_stage(config: dict) -> int:

@@ -111,3 +111,20 @@ def test_a_checkpoint_is_resumed_only_by_an_engine_that_stores_the_optimizer_ali
 def test_the_cli_ignores_the_launchers_local_rank_argument(argv):
     args = _parse(argv)
     assert (args.command, args.recipe, args.overrides) == ("train", "r.yaml", ["a=b"])
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "freeze", "prompt_tuning"])
+def test_methods_other_than_lora_are_refused_over_a_sharded_base(tmp_path, method):
+    """Only LoRA is tested over a base sharded across ranks (FSDP, ZeRO-3); the others run under DDP and ZeRO-1/2."""
+    r = _recipe(engine="fsdp")
+    r.peft.method = method
+    assert any(f"peft.method: '{method}' is not supported under FSDP yet" in p for p in check_values(r))
+    path = tmp_path / "z.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    r = _recipe(engine="deepspeed", deepspeed_config=str(path))
+    r.peft.method, r.train.optimizer = method, "adamw"
+    with pytest.raises(ConfigError, match=f"peft.method: '{method}' is not supported under ZeRO-3 yet"):
+        build_config(r, 2)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert build_config(r, 2)["zero_optimization"]["stage"] == 2
+    assert not any("is not supported under FSDP" in p for p in check_values(_recipe(engine="fsdp")))
