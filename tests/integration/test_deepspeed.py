@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 pytest.importorskip("deepspeed")
 
 from parallel_runs import REPO, ZERO2, assert_same_training, clean_env, losses, run_ds, run_single  # noqa: E402
+from tiers import EXTENDED  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -37,6 +38,7 @@ def test_zero2_two_ranks_equal_one_rank_with_twice_the_micro_batch(pair):
     assert_same_training(single, zero2)
 
 
+@EXTENDED
 def test_zero1_two_ranks_equal_one_rank_too(pair, tmp_path):
     single, _ = pair
     proc = run_ds(tmp_path / "zero1", "distributed.deepspeed_config=configs/deepspeed/zero1.json")
@@ -45,6 +47,7 @@ def test_zero1_two_ranks_equal_one_rank_too(pair, tmp_path):
         assert la == pytest.approx(lb, rel=2e-6) and ga == pytest.approx(gb, rel=2e-6)
 
 
+@EXTENDED
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     out = tmp_path / "out"
     proc = run_ds(out, fault="nan@step:4:rank:1")
@@ -87,6 +90,7 @@ def test_zero2_adapter_and_checkpoint_are_complete_and_load_in_peft(pair):
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 2 * 2 * 2
 
 
+@EXTENDED
 def test_sigkill_of_one_rank_then_resume_is_bit_exact_under_zero2(pair, tmp_path):
     _, control = pair
     out = tmp_path / "out"
@@ -99,6 +103,7 @@ def test_sigkill_of_one_rank_then_resume_is_bit_exact_under_zero2(pair, tmp_path
     assert losses(out) == losses(control)
 
 
+@EXTENDED
 def test_bitsandbytes_8bit_optimizer_works_as_the_client_optimizer(tmp_path):
     proc = run_ds(tmp_path / "out", "train.optimizer=adamw_8bit", "train.max_steps=3")
     assert proc.returncode == 0, proc.stderr[-3000:]

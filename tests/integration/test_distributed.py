@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from parallel_runs import assert_same_training, losses, run_ddp, run_single
+from tiers import EXTENDED
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -87,6 +88,7 @@ def test_sigkill_of_one_rank_then_resume_is_bit_exact(tmp_path):
     assert losses(out) == losses(control)
 
 
+@EXTENDED
 def test_preempting_one_rank_stops_every_rank_at_the_same_saved_step(tmp_path):
     out = tmp_path / "out"
     proc = run_ddp(out, fault="signal@step:4:TERM:rank:1")

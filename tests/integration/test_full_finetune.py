@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from parallel_runs import REPO, TINY, clean_env, losses, run_ddp, run_single
 from qtrain.config import load_recipe
 from qtrain.errors import ConfigError
+from tiers import EXTENDED
 
 pytestmark = pytest.mark.slow
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -82,6 +83,7 @@ def test_killed_full_run_resumes_bit_exactly(tmp_path, finished):
 
 
 @pytest.mark.distributed
+@EXTENDED
 def test_full_fine_tuning_under_ddp_equals_one_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     p1 = run_single(single, *FULL)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from parallel_runs import losses, run_ddp, run_ds, run_single
+from tiers import EXTENDED, extended_but
 
 pytestmark = [pytest.mark.slow]
 FAMILIES = {
@@ -40,18 +41,28 @@ def _state(run: Path, method: str) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt / STATE.get(method, "adapter/adapter_model.safetensors")))
 
 
+class _Singles(dict):
+    """One-process runs per method, made the first time a test asks for one (a tier may need few)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, method: str) -> Path:
+        out = self.root / method / "single"
+        proc = run_single(out, *COMMON, *FAMILIES[method])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        self[method] = out
+        return out
+
+
 @pytest.fixture(scope="module")
 def singles(tmp_path_factory) -> dict[str, Path]:
-    out = {}
-    for method, extra in FAMILIES.items():
-        out[method] = tmp_path_factory.mktemp(method) / "single"
-        proc = run_single(out[method], *COMMON, *extra)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
+    return _Singles(tmp_path_factory.mktemp("singles"))
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", list(FAMILIES))
+@pytest.mark.parametrize("method", extended_but(FAMILIES, "diff_pruning"))
 def test_two_ranks_train_like_one_process(singles, method, tmp_path):
     proc = run_ddp(tmp_path / "ddp", *COMMON, *FAMILIES[method])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,7 +76,7 @@ def test_two_ranks_train_like_one_process(singles, method, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("method", ["prefix_tuning", "diff_pruning"])
+@pytest.mark.parametrize("method", extended_but(["prefix_tuning", "diff_pruning"], "prefix_tuning"))
 def test_sigkill_then_resume_is_bit_exact(singles, method, tmp_path):
     out = tmp_path / "run"
     killed = run_single(out, *COMMON, *FAMILIES[method], fault="kill@step:5")
@@ -79,6 +90,7 @@ def test_sigkill_then_resume_is_bit_exact(singles, method, tmp_path):
 
 
 @pytest.mark.distributed
+@EXTENDED
 def test_deepspeed_zero2_trains_diff_pruning_like_one_process(singles, tmp_path):
     """The penalty and the sampled gates under DeepSpeed's engine (its own backward and step)."""
     pytest.importorskip("deepspeed")

@@ -19,6 +19,7 @@ from qtrain.config import load_recipe
 from qtrain.distributed.env import DistEnv
 from qtrain.plan import Target, plan_recipe
 from qtrain.train.memtrack import measure_training_peak
+from tiers import EXTENDED
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -60,6 +61,7 @@ def test_one_process_estimate_is_within_15_percent_of_the_tracked_peak(tmp_path,
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@EXTENDED
 def test_two_ranks_ddp_and_zero2_estimates_are_within_15_percent(tmp_path):
     # A reduce bucket of 1e6 elements (DeepSpeed's default 5e8 would be 2 GB of the ~2.05 GB
     # measured, and hide everything else the plan has to get right).

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from tiers import EXTENDED, extended_but
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,8 @@ def control(tmp_path_factory) -> dict[int, tuple[float, float]]:
     return la
 
 
-@pytest.mark.parametrize("optimizer,kill_at", [("adamw", 5), ("adamw", 7), ("adamw_8bit", 8)])
+@pytest.mark.parametrize("optimizer,kill_at", [pytest.param("adamw", 5, marks=EXTENDED),
+                                                pytest.param("adamw", 7, marks=EXTENDED), ("adamw_8bit", 8)])
 def test_sigkill_then_resume_is_bit_exact(tmp_path, control, optimizer, kill_at):
     out = tmp_path / "run"
     ref_dir = tmp_path / "ref"
@@ -73,7 +75,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, control, optimizer, kill_at)
     assert losses(out) == control  # every step, including those recomputed after the resume point
 
 
-@pytest.mark.parametrize("after_file", [1, 2, 3, 4])
+@pytest.mark.parametrize("after_file", [pytest.param(1, marks=EXTENDED), 2, pytest.param(3, marks=EXTENDED),
+                                        pytest.param(4, marks=EXTENDED)])
 def test_crash_inside_a_save_leaves_the_previous_checkpoint(tmp_path, control, after_file):
     out = tmp_path / "run"
     # 4 files per save (rng, adapter, optimizer, trainer state); the 2nd save is step 6
@@ -124,7 +127,7 @@ CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("name", extended_but(sorted(CORRUPTIONS), "bit-flipped adapter"))
 def test_corrupt_newest_checkpoint_falls_back_loudly(two_checkpoints, name):
     out = two_checkpoints
     CORRUPTIONS[name](out / "checkpoints" / "step-7")
@@ -134,7 +137,7 @@ def test_corrupt_newest_checkpoint_falls_back_loudly(two_checkpoints, name):
     assert "(step 6)" in proc.stdout
 
 
-@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("name", extended_but(sorted(CORRUPTIONS), "truncated optimizer"))
 def test_corrupt_checkpoint_named_explicitly_is_an_error_naming_the_file(two_checkpoints, name):
     out = two_checkpoints
     CORRUPTIONS[name](out / "checkpoints" / "step-7")
@@ -143,7 +146,7 @@ def test_corrupt_checkpoint_named_explicitly_is_an_error_naming_the_file(two_che
     assert "checkpoint error" in proc.stderr and "step-7" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("pointer", ["", "garbage\x00\xff", "../../etc"])
+@pytest.mark.parametrize("pointer", extended_but(["", "garbage\x00\xff", "../../etc"], "../../etc"))
 def test_bad_latest_pointer_is_reported_and_ignored(two_checkpoints, pointer):
     out = two_checkpoints
     (out / "checkpoints" / "latest").write_bytes(pointer.encode("utf-8", "surrogateescape"))
@@ -172,7 +175,7 @@ def test_checkpoint_symlinked_outside_output_dir_is_refused(tmp_path, two_checkp
     assert outside.is_dir()  # and nothing was deleted through the link
 
 
-@pytest.mark.parametrize("sig", ["TERM", "USR1"])
+@pytest.mark.parametrize("sig", extended_but(["TERM", "USR1"], "TERM"))
 def test_preemption_saves_the_step_and_exits_75_then_resumes(tmp_path, control, sig):
     out = tmp_path / "run"
     stopped = run(out, fault=f"signal@step:4:{sig}")

@@ -15,6 +15,7 @@ import pytest
 
 from qtrain.checkpoint.store import committed_steps, verify
 from qtrain.errors import EXIT_DISK_FULL, EXIT_USER_ERROR
+from tiers import EXTENDED
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +64,7 @@ def _assert_clean_disk_full_stop(proc: subprocess.CompletedProcess, out: Path) -
     verify(root / "step-3")
 
 
+@EXTENDED
 def test_disk_full_during_a_save_stops_cleanly_keeping_the_last_checkpoint(tmp_path):
     """The write hook: the 2nd file of the step-6 save (4 files per save) fails with ENOSPC."""
     out = tmp_path / "run"

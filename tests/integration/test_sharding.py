@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 pytest.importorskip("deepspeed")
 
 from parallel_runs import REPO, TINY, clean_env, tool  # noqa: E402
+from tiers import EXTENDED  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -141,16 +142,11 @@ def test_the_saved_adapter_is_whole_and_gives_our_logits_in_peft(request, engine
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from qtrain.checkpoint.adapter_io import load_adapter_weights, peft_config_of, read_adapter
-    from qtrain.models.load import load_model
-    from qtrain.peft.inject import inject_lora
+    from qtrain.infer.load import BaseOptions, load_with_adapters
 
     adapter = request.getfixturevalue(engine)["out"] / "adapter"
-    config, tensors = read_adapter(adapter)
-    ours = load_model(config["base_model_name_or_path"], torch.float32, torch.device("cpu"), None)
-    inject_lora(ours, peft_config_of(config))
-    load_adapter_weights(ours, tensors)
-    hf = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    ours, _, _, base_dir = load_with_adapters({"default": str(adapter)}, opts=BaseOptions(torch.float32, None))
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     ids = torch.arange(3, 19).unsqueeze(0)
     with torch.no_grad():
         base = hf(input_ids=ids).logits
@@ -160,6 +156,7 @@ def test_the_saved_adapter_is_whole_and_gives_our_logits_in_peft(request, engine
     assert not torch.allclose(theirs, base, atol=1e-4)  # the adapter really changes the output
 
 
+@EXTENDED
 def test_fsdp_checkpoints_reshard_two_to_one_and_one_to_two(single, fsdp):
     """2 ranks' step 3 -> 1 process (preempted after step 4) -> 2 ranks (preempted after step 5)."""
     out = fsdp["copy"]
