@@ -26,7 +26,7 @@ setup(
         "matplotlib>=3.7",  # `qtrain compare`: loss-curve and ROUGE plots
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "tensorboard>=2.10", "peft>=0.15", "triton>=3.0", "deepspeed>=0.16"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "tensorboard>=2.10", "peft>=0.15", "triton>=3.0", "deepspeed>=0.16"],
         "gpu": ["triton>=3.0", "deepspeed>=0.16"],
     },
     entry_points={"console_scripts": ["qtrain=qtrain.cli:main"]},

@@ -18,6 +18,10 @@ TINY_LLAMA = {
 
 
 def pytest_collection_modifyitems(config, items):
+    # Kernel tests first: on CPU they run Triton's interpreter, whose patching of triton.language
+    # an earlier in-process test can leave unusable ("Cannot call @triton.jit'd outside of the scope
+    # of a kernel" for tl.zeros, seen after the integration tests); run first they see a clean process.
+    items.sort(key=lambda item: 0 if "tests/kernels/" in item.nodeid else 1)  # stable: order kept otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

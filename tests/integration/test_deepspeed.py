@@ -119,6 +119,7 @@ def _refused(tmp_path: Path, *extra: str) -> str:
     return proc.stderr
 
 
+@EXTENDED
 def test_a_json_that_contradicts_the_recipe_is_an_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 8}))

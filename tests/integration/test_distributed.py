@@ -75,6 +75,7 @@ def test_a_crashing_rank_takes_the_job_down_quickly(tmp_path):
     assert leftovers.stdout.strip() == "", "a rank survived the crash"
 
 
+@EXTENDED
 def test_sigkill_of_one_rank_then_resume_is_bit_exact(tmp_path):
     control = tmp_path / "control"
     assert run_ddp(control).returncode == 0

@@ -69,6 +69,7 @@ def test_every_weight_trains_and_the_model_dir_reloads_with_the_trained_logits(f
     assert (finished / "model" / "tokenizer.json").is_file()
 
 
+@EXTENDED
 def test_killed_full_run_resumes_bit_exactly(tmp_path, finished):
     out = tmp_path / "run"
     killed = run(out, fault="kill@step:4")
