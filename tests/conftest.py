@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,37 @@ TINY_LLAMA = {
 }
 
 
+def _import_triton_for_the_interpreter() -> None:
+    """On a machine without CUDA, import triton under TRITON_INTERPRET=1 before anything else does.
+
+    `@triton.jit` picks compile or interpret when a function is decorated, triton.language's own
+    helpers (tl.zeros, ...) included, at `import triton`. transformers' modeling_utils imports
+    torch._dynamo, which imports triton: any test module importing qtrain.peft would fix triton.language
+    in compile mode before tests/kernels/conftest.py sets the variable, and the interpreted kernels
+    then fail ("Cannot call @triton.jit'd outside of the scope of a kernel"). The variable is
+    restored at once so that it does not leak into the subprocesses tests start.
+    """
+    if torch.cuda.is_available() or "triton" in sys.modules:
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def pytest_configure(config):
+    _import_triton_for_the_interpreter()
+
+
 def pytest_collection_modifyitems(config, items):
-    # Kernel tests first: on CPU they run Triton's interpreter, whose patching of triton.language
-    # an earlier in-process test can leave unusable ("Cannot call @triton.jit'd outside of the scope
-    # of a kernel" for tl.zeros, seen after the integration tests); run first they see a clean process.
-    items.sort(key=lambda item: 0 if "tests/kernels/" in item.nodeid else 1)  # stable: order kept otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
