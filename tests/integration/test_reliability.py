@@ -75,8 +75,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, control, optimizer, kill_at)
     assert losses(out) == control  # every step, including those recomputed after the resume point
 
 
-@pytest.mark.parametrize("after_file", [pytest.param(1, marks=EXTENDED), 2, pytest.param(3, marks=EXTENDED),
-                                        pytest.param(4, marks=EXTENDED)])
+@pytest.mark.parametrize("after_file", extended_but([1, 2, 3, 4], 2))
 def test_crash_inside_a_save_leaves_the_previous_checkpoint(tmp_path, control, after_file):
     out = tmp_path / "run"
     # 4 files per save (rng, adapter, optimizer, trainer state); the 2nd save is step 6
