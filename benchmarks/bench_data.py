@@ -36,6 +36,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import _harness as h
 from benchmarks._results import merge_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,11 +249,17 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(layout_child(args)))
         return
     result = packing_benchmark(args) if args.packing else build_benchmark(args)
-    result.update({"cpus": len(os.sched_getaffinity(0)), "loadavg_1m": os.getloadavg()[0],
-                   "when": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    result.update({"cpu": h.cpu_name(), "cpu_flags": h.cpu_flags(), "cpus": len(os.sched_getaffinity(0)),
+                   "loadavg_1m": os.getloadavg()[0], "when": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     print(json.dumps(result, indent=2))
-    if args.out is not None:
-        merge_result(args.out, "packing" if args.packing else "build", result)
+    if args.out is None:
+        return
+    if args.packing:
+        merge_result(args.out, "packing", result)
+        return
+    for n in sorted({c["rows"] for c in result["cases"]}):  # one entry per size: a run of one size keeps the others
+        merge_result(args.out, f"build-{n}", {**result, "cases": [c for c in result["cases"] if c["rows"] == n],
+                                               "bars": {str(n): result["bars"][str(n)]}})
 
 
 if __name__ == "__main__":
