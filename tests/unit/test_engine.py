@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from qtrain.cli import _parse
 from qtrain.config.schema import Recipe
@@ -128,3 +129,22 @@ def test_methods_other_than_lora_are_refused_over_a_sharded_base(tmp_path, metho
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     assert build_config(r, 2)["zero_optimization"]["stage"] == 2
     assert not any("is not supported under FSDP" in p for p in check_values(_recipe(engine="fsdp")))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fsdp_gives_untied_embeddings_units_of_their_own(tied):
+    """Untied: the input embedding and lm_head are sharded units (gathered only around their use);
+    tied: one weight in two modules stays in the root unit, where FSDP2 keeps a shared weight whole."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtrain.distributed.fsdp import embedding_units
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg)
+    units = embedding_units(model)
+    if tied:
+        assert units == []
+    else:
+        assert units == [model.model.embed_tokens, model.lm_head]
+    assert embedding_units(torch.nn.Linear(2, 2)) == []  # not a transformers model: no embeddings to find
