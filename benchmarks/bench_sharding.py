@@ -16,7 +16,7 @@ Per run, from the ranks' summary.json and the kernel's accounting:
   tokens_per_s           all ranks together
 The bars (from the issue): nf4 bytes per rank at N ranks <= 1.05 x (1 rank's) / N; peak RSS per
 rank at 2 ranks <= 1 rank's - 0.4 x the NF4 model size. Results are keyed by the CPU (its name and
-bf16-relevant ISA, as every benchmark's).
+bf16-relevant ISA, as every benchmark's) and the model size.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         from benchmarks._results import merge_result
 
-        merge_result(args.out, result["device"], result)
+        merge_result(args.out, f"{result['device']}-{args.hidden}x{args.layers}", result)  # one entry per size
 
 
 if __name__ == "__main__":

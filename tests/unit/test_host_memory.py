@@ -1,0 +1,72 @@
+"""glibc's mmap threshold is fixed once by `qtrain train` (train/host_memory.py), unless the user set it."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from qtrain.train.host_memory import ENV, THRESHOLD, fix_mmap_threshold
+
+
+class FakeLibc:
+    def __init__(self, result: int = 1) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.result = result
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.result
+
+
+def test_sets_glibc_mmap_threshold_once_with_its_parameter_number(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    libc = FakeLibc()
+    assert fix_mmap_threshold(libc=libc) is True
+    assert libc.calls == [(-3, THRESHOLD)]  # M_MMAP_THRESHOLD in glibc's malloc.h
+
+
+def test_the_users_own_setting_wins(monkeypatch):
+    monkeypatch.setenv(ENV, "65536")
+    libc = FakeLibc()
+    assert fix_mmap_threshold(libc=libc) is False
+    assert libc.calls == []
+
+
+def test_a_refused_mallopt_is_reported_as_not_set(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert fix_mmap_threshold(libc=FakeLibc(result=0)) is False
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_big_frees_return_to_the_system_after_the_fix():
+    """In a fresh process: free a 24 MiB block (glibc would raise its threshold to it), then
+    allocate and free 40 blocks of 20 MiB, each followed by a live 256 KiB block: with the fix the RSS
+    falls back; as glibc ships, the heap keeps them."""
+    code = """
+import ctypes, sys
+from qtrain.train.host_memory import fix_mmap_threshold
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+if sys.argv[1] == "fix":
+    assert fix_mmap_threshold()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+p = libc.malloc(24 << 20); libc.memset(p, 1, 24 << 20); libc.free(p)
+base = rss()
+blocks, pins = [], []
+for _ in range(40):
+    b = libc.malloc(20 << 20); libc.memset(b, 1, 20 << 20); blocks.append(b)
+    pins.append(libc.malloc(256 << 10))  # past the tcache: it lands right after the block
+for b in blocks:
+    libc.free(b)
+print(rss() - base)
+"""
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    kept = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
+                                     check=True).stdout) for mode in ("fix", "as-shipped")}
+    assert kept["fix"] < 50, kept
+    assert kept["as-shipped"] > 400, kept
