@@ -204,9 +204,17 @@ def compare(args: argparse.Namespace) -> dict:
 
 
 def report(result: dict, out: Path | None) -> None:
+    """Print the result; merge it into `out` per method, so a run of some methods keeps the others'
+    figures (each method's entry carries the date and rounds of the run that measured it)."""
     print(json.dumps(result, indent=2))
-    if out:
-        merge_result(out, result["device"], result)
+    if not out:
+        return
+    for entry in result["methods"].values():
+        entry.update(date=result["date"], rounds=result["config"]["rounds"])
+    old = json.loads(out.read_text()).get(result["device"]) if out.is_file() else None
+    if old is not None and old["config"]["model"] == result["config"]["model"]:
+        result = {**result, "methods": {**old["methods"], **result["methods"]}}
+    merge_result(out, result["device"], result)
 
 
 def main(argv: list[str] | None = None) -> None:
