@@ -1,9 +1,9 @@
 """torch FSDP2: the 4-bit base, the unquantized weights and the adapter sharded across ranks.
 
 `fully_shard` wraps each decoder block (the model's `_no_split_modules` classes), the input and
-output embeddings when untied (`embedding_units`), then the root (the rest: the final norm). A block's weights are all-gathered just before its forward and
-again before its backward, and freed after each: the fused-kernel dispatch and the LoRA autograd
-function see whole bytes and never know. The NF4 weights are uint8 parameters of one row per
+output embeddings when untied (`embedding_units`), then the root (the rest: the final norm). A
+block's weights are all-gathered just before its forward and again before its backward, and freed
+after each: the fused-kernel dispatch and the LoRA autograd function see whole bytes and never know. The NF4 weights are uint8 parameters of one row per
 quantization block (see `NF4Weight`): FSDP2 shards them on whole blocks and all-gathers them as
 bytes, never through a float cast.
 
