@@ -141,8 +141,11 @@ def build_qtrain(args: argparse.Namespace, base: Path, tmp: str, checkpointing: 
     import torch
 
     from qtrain.config import recipe_from_dict
+    from qtrain.train.host_memory import fix_mmap_threshold
     from qtrain.train.loss import causal_lm_loss_sum, count_trained_tokens
     from qtrain.train.setup import build_model
+
+    fix_mmap_threshold()  # as `qtrain train` does before loading (train/setup.prepare)
 
     recipe = recipe_from_dict({
         "output_dir": tmp, "seed": SEED, "model": {"path": str(base), "dtype": args.dtype},
@@ -273,7 +276,8 @@ def compare(args: argparse.Namespace) -> dict:
                    "compute_dtype": prep["dtype"], "model_dir": prep["model_dir"],
                    "gradient_checkpointing": "non-reentrant (anchor: full recompute; qtrain: per train.recompute)",
                    "model_flops_per_step": flops,
-                   "qtrain": "train.setup.build_model(recipe); loss = causal_lm_loss_sum / count_trained_tokens, "
+                   "qtrain": "train.setup.build_model(recipe) after train.host_memory.fix_mmap_threshold() (as "
+                             "qtrain train); loss = causal_lm_loss_sum / count_trained_tokens, "
                              "forward with an all-ones attention_mask, as train/loop.py does"},
         "gemm_peak": gemm,
         "anchor_config": anchor_config(args.rank, 2 * args.rank, prep["dtype"]),
