@@ -3,9 +3,9 @@
 `fully_shard` wraps each decoder block (the model's `_no_split_modules` classes), the input and
 output embeddings when untied (`embedding_units`), then the root (the rest: the final norm). A
 block's weights are all-gathered just before its forward and again before its backward, and freed
-after each: the fused-kernel dispatch and the LoRA autograd function see whole bytes and never know. The NF4 weights are uint8 parameters of one row per
-quantization block (see `NF4Weight`): FSDP2 shards them on whole blocks and all-gathers them as
-bytes, never through a float cast.
+after each: the fused-kernel dispatch and the LoRA autograd function see whole bytes and never
+know. The NF4 weights are uint8 parameters of one row per quantization block (see `NF4Weight`):
+FSDP2 shards them on whole blocks and all-gathers them as bytes, never through a float cast.
 
 Loading: the loader already kept only this rank's rows of every frozen tensor (`row_shard`), in
 FSDP2's own Shard(0) layout. `wrap` puts meta placeholders of the whole shapes in their place,
@@ -179,10 +179,9 @@ def embedding_units(model: nn.Module) -> list[nn.Module]:
     2 x 262 MB fp32 whole on every rank. On their own each is gathered only around its use (the
     frozen input embedding not at all in backward) and freed after.
     """
-    getters = (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None))
-    if None in getters:
-        return []
-    inp, out = (get() for get in getters)
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
+        return []  # not a transformers model
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     if inp is None or out is None or getattr(inp, "weight", None) is getattr(out, "weight", None):
         return []
     return [inp, out]
