@@ -211,10 +211,14 @@ def report(result: dict, out: Path | None) -> None:
         return
     for entry in result["methods"].values():
         entry.update(date=result["date"], rounds=result["config"]["rounds"])
-    old = json.loads(out.read_text()).get(result["device"]) if out.is_file() else None
-    if old is not None and old["config"]["model"] == result["config"]["model"]:
-        result = {**result, "methods": {**old["methods"], **result["methods"]}}
-    merge_result(out, result["device"], result)
+    merge_result(out, result["device"], result, _keep_other_methods)
+
+
+def _keep_other_methods(old: dict | None, new: dict) -> dict:
+    """`new`, plus the methods of `old` it did not measure (when both ran the same model)."""
+    if old is None or old["config"]["model"] != new["config"]["model"]:
+        return new
+    return {**new, "methods": {**old["methods"], **new["methods"]}}
 
 
 def main(argv: list[str] | None = None) -> None:
