@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_cpu_step [--hidden 1024 --layers 8 --seq 256 --batch 2 --rank 16 --steps 8
                                          --warmup 2 --rounds 1 --threads N --dtype auto --checkpointing both
-                                         --recompute full,attention,matmuls --out benchmarks/results/cpu.json]
+                                         --recompute full,mlp,attention,matmuls --out benchmarks/results/cpu.json]
 
 Both sides train the same random-init Llama (written once, bf16 safetensors, to a cache dir) on the
 same random packed batch: forward + mean next-token CE, backward, torch AdamW (lr 1e-4), zero_grad;
@@ -32,7 +32,7 @@ TOKENIZER = h.REPO / "data" / "quickstart" / "tokenizer"
 VOCAB = 8192
 SEED = 0
 LR = 1e-4
-MODES = ("full", "attention", "matmuls")
+MODES = ("full", "mlp", "attention", "matmuls")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

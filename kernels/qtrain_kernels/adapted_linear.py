@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from qtrain_kernels.dispatch import NF4Buffers
-from qtrain_kernels.lora_linear import WeightFn, _fused, _fused_forward, dense_forward, dropped
+from qtrain_kernels.lora_linear import WeightFn, _fused, _fused_forward, dense_forward, dropped, low_rank_product
 
 
 def _base_forward(x2: torch.Tensor, weight_fn: WeightFn, bias, nf4, fused: bool):
@@ -84,13 +84,13 @@ class AdaptedLinearFunction(torch.autograd.Function):
         mask = xd = xa = a = b = z = g = norm = None
         if dora:
             a, b = lora_a.to(dtype), lora_b.to(dtype)
-            xd, mask = dropped(x2, dropout_p)
-            xa = xd @ a.t()
-            with torch.no_grad():
+            with low_rank_product():
+                xd, mask = dropped(x2, dropout_p)
+                xa = xd @ a.t()
                 norm = dora_norm(_w_times_at(a, weight_fn, nf4, w, fused), lora_a, lora_b, scale, w_sq)
+                low = (xa @ b.t()).mul_(scale)
             g = (out_scale.to(norm.dtype) / norm).to(dtype)
             u = y0 - bias.to(dtype) if bias is not None else y0
-            low = (xa @ b.t()).mul_(scale)
             y = y0 + (g - 1.0) * u + g * low
             z = u + low  # dL/dm = Σ_rows dy ⊙ z / ‖·‖
         elif out_scale is not None:

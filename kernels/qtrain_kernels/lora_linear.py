@@ -24,7 +24,9 @@ saves one of the three dequantizations per step. The fused path needs no W at al
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -35,15 +37,39 @@ WeightFn = Callable[[torch.dtype], torch.Tensor]
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+_LOW_RANK = contextvars.ContextVar("qtrain_low_rank_product", default=False)
+
+
+@contextlib.contextmanager
+def low_rank_product() -> Iterator[None]:
+    """Marks the ops of an adapter's low-rank branch: cheap to redo, so a selective-recompute
+    policy (qtrain.peft.recompute) never keeps their outputs, only the base product's."""
+    token = _LOW_RANK.set(True)
+    try:
+        yield
+    finally:
+        _LOW_RANK.reset(token)
+
+
+def in_low_rank_product() -> bool:
+    return _LOW_RANK.get()
+
+
 def dense_forward(x2: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], xa: Optional[torch.Tensor],
                   b: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """The torch path's forward for 2-D x: x·wᵀ (+ bias) (+ scale·xa·bᵀ)."""
-    y = x2 @ w.t() if bias is None else torch.addmm(bias.to(x2.dtype), x2, w.t())
-    if xa is not None:
-        # Out of place: selective activation checkpointing caches `y`'s producer and
-        # refuses a later in-place mutation of a cached tensor.
-        y = torch.addmm(y, xa, b.t(), alpha=scale)
-    return y
+    """The torch path's forward for 2-D x: x·wᵀ (+ bias) (+ scale·xa·bᵀ).
+
+    The base product is the last op and produces y itself: a recompute policy that keeps it
+    keeps one [M, N] tensor per layer (the low-rank term, computed first, is recomputed).
+    """
+    if xa is None:
+        return x2 @ w.t() if bias is None else torch.addmm(bias.to(x2.dtype), x2, w.t())
+    with low_rank_product():
+        if bias is None:
+            low, beta = xa @ b.t(), scale
+        else:
+            low, beta = torch.addmm(bias.to(x2.dtype), xa, b.t(), alpha=scale), 1.0
+    return torch.addmm(low, x2, w.t(), beta=beta)
 
 
 def dense_backward_dx(g: torch.Tensor, w: torch.Tensor, gb: Optional[torch.Tensor], a: Optional[torch.Tensor],
@@ -115,8 +141,9 @@ class LoRALinearFunction(torch.autograd.Function):
             # two fewer autograd nodes per layer, and the grads go back in the storage dtype.
             ctx.ab_dtype = lora_a.dtype
             a, b = lora_a.to(dtype), lora_b.to(dtype)
-            xd, mask = dropped(x2, dropout_p)
-            xa = xd @ a.t()
+            with low_rank_product():
+                xd, mask = dropped(x2, dropout_p)
+                xa = xd @ a.t()
         w = None
         if fused:
             y = _fused_forward(x2, nf4, bias, xa, b, scale)

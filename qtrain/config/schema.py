@@ -143,7 +143,7 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0
     gradient_checkpointing: bool = True
     # With checkpointing: what backward recomputes (see qtrain/peft/recompute.py).
-    recompute: Literal["full", "attention", "matmuls"] = "full"
+    recompute: Literal["full", "mlp", "attention", "matmuls"] = "full"
     # Autocast around forward/backward. auto: in the compute dtype when it is 16-bit (bf16, or fp16 with
     # loss scaling), none for fp32; on: also bf16 autocast over fp32 weights; off: never.
     autocast: Literal["auto", "on", "off"] = "auto"

@@ -1,11 +1,17 @@
 """What gradient checkpointing recomputes in backward (torch's selective activation checkpointing).
 
 - `full`: recompute the whole decoder layer (HF's default; least memory).
+- `mlp`: keep the outputs of the MLP's projections (gate, up, down: two thirds of a Llama layer's
+  FLOPs) and of attention itself; recompute the attention projections and the element-wise ops.
+  Costs (gate + up + down + attn) outputs per token.
 - `attention`: keep the outputs of the attention block's projections and of attention itself;
   recompute the MLP and the element-wise ops. Costs (q + k + v + o + attn) outputs per token.
 - `matmuls`: keep every adapted linear's output and attention's; recompute only element-wise
   ops. Fastest; its memory grows with tokens x layers x (sum of projection widths), e.g.
   ~11 GB for a Llama-8B step of 4k tokens, so it is for small models or short sequences.
+
+A kept linear keeps one [tokens, out_features] tensor, its base product's output (the low-rank
+branch is marked by `qtrain_kernels.lora_linear.low_rank_product` and recomputed).
 
 Measured on the CPU benchmark (hidden 1024 x 8 layers, 512 tokens): see benchmarks/results.
 Which linears keep their output is decided per module (`AdaptedLinear.keep_output`); the policy
@@ -21,6 +27,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from qtrain_kernels.lora_linear import in_low_rank_product
 
 _KEEP = contextvars.ContextVar("qtrain_keep_matmul_output", default=False)
 _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
@@ -41,7 +49,7 @@ def keep_matmul_outputs(keep: bool) -> Iterator[None]:
 def _policy(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
-    if op in _MATMULS and _KEEP.get():
+    if op in _MATMULS and _KEEP.get() and not in_low_rank_product():
         return CheckpointPolicy.MUST_SAVE
     if str(op).startswith(_ATTENTION_PREFIX):
         return CheckpointPolicy.MUST_SAVE
@@ -65,4 +73,5 @@ def mark_kept_outputs(layers: dict[str, nn.Module], recompute: str,
     T5's q/k/v/o included)."""
     for name, mod in layers.items():
         leaf = name.rsplit(".", 1)[-1]
-        mod.keep_output = recompute == "matmuls" or (recompute == "attention" and leaf in attention)
+        mod.keep_output = (recompute == "matmuls" or (recompute == "attention" and leaf in attention)
+                           or (recompute == "mlp" and leaf not in attention))

@@ -84,16 +84,19 @@ def weight_casts(s: Settings, lins) -> int:
 
 
 def kept_per_token(s: Settings, layer: int = 0) -> int:
-    """Selective recompute: what a checkpointed layer keeps besides its input (none for `full`)."""
+    """Selective recompute: what a checkpointed layer keeps besides its input (none for `full`); the
+    adapted linears' outputs per qtrain.peft.recompute (`attention`: the attention projections',
+    `mlp`: the others', `matmuls`: all)."""
     if s.recompute == "full":
         return 0
     sh = s.shape
     kept = sh.heads * sh.head_dim * s.a + 4 * sh.heads  # attention's output and logsumexp
     for lin in sh.layer_linears(layer):
         leaf = lin.name.rsplit(".", 1)[-1]
-        if lin.adapted and (s.recompute == "matmuls" or leaf in ATTENTION_PROJECTIONS):
+        attention = leaf in ATTENTION_PROJECTIONS
+        if lin.adapted and (s.recompute == "matmuls" or (s.recompute == "attention") == attention):
             fused = s.fused_lora and lin.quantized  # the fused kernel's output is no aten matmul
-            kept += s.a * s.r + (0 if fused else 2 * s.a * lin.out_features)  # x·Aᵀ, x·Wᵀ and the sum
+            kept += 0 if fused else s.a * lin.out_features  # y: the base product's output (one tensor)
     return kept
 
 

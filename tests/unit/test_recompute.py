@@ -28,7 +28,7 @@ def _grads(base_dir, tmp_path, checkpointing: bool, recompute: str, quant: str):
 
 
 @pytest.mark.parametrize("quant", ["nf4", "none"])
-@pytest.mark.parametrize("recompute", ["full", "attention", "matmuls"])
+@pytest.mark.parametrize("recompute", ["full", "mlp", "attention", "matmuls"])
 def test_recompute_policy_gives_the_gradients_of_no_checkpointing(tiny_base_dir, tmp_path, quant, recompute):
     ref_loss, ref = _grads(tiny_base_dir, tmp_path, False, "full", quant)
     loss, got = _grads(tiny_base_dir, tmp_path, True, recompute, quant)
@@ -40,6 +40,7 @@ def test_recompute_policy_gives_the_gradients_of_no_checkpointing(tiny_base_dir,
 
 def test_policies_mark_the_right_layers(tiny_base_dir, tmp_path):
     for recompute, expected in [("full", set()), ("attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+                                ("mlp", {"gate_proj", "up_proj", "down_proj"}),
                                 ("matmuls", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"})]:
         recipe = recipe_from_dict({"output_dir": str(tmp_path), "model": {"path": str(tiny_base_dir)},
@@ -47,3 +48,39 @@ def test_policies_mark_the_right_layers(tiny_base_dir, tmp_path):
         model, _ = build_model(recipe, tiny_base_dir, torch.device("cpu"))
         kept = {n.rsplit(".", 1)[-1] for n, m in lora_modules(model).items() if m.keep_output}
         assert kept == expected, recompute
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_a_kept_layer_caches_one_output_its_base_product(tiny_base_dir, tmp_path, quant):
+    """Under `matmuls`, an adapted linear's forward has the policy keep exactly one op's output: the
+    base product that yields y (an [M, N] tensor); the low-rank branch is recomputed, not cached
+    a second time at [M, N]."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    from qtrain.peft import recompute as rc
+
+    recipe = recipe_from_dict({"output_dir": str(tmp_path), "model": {"path": str(tiny_base_dir), "dtype": "float32"},
+                               "quant": {"method": quant}, "data": {"path": "x.jsonl"},
+                               "train": {"recompute": "matmuls"}})
+    model, _ = build_model(recipe, tiny_base_dir, torch.device("cpu"))
+    randomize_lora_b(model, seed=1, std=0.02)
+    name, layer = next((n, m) for n, m in lora_modules(model).items() if n.endswith("up_proj"))
+    layer.keep_output = True
+    kept = []
+
+    def recording(ctx, op, *args, **kwargs):
+        decision = rc._policy(ctx, op, *args, **kwargs)
+        if decision == CheckpointPolicy.MUST_SAVE:
+            kept.append((str(op), [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+        return decision
+
+    x = torch.randn(2, 8, layer.in_features, requires_grad=True)
+    out = checkpoint(layer, x, use_reentrant=False,
+                     context_fn=functools.partial(create_selective_checkpoint_contexts, recording))
+    out.sum().backward()
+    assert len(kept) == 1, (name, kept)
+    op, shapes = kept[0]
+    assert op.startswith("aten.addmm"), kept
+    assert shapes[1] == (16, layer.in_features) and shapes[2] == (layer.in_features, layer.out_features), kept
