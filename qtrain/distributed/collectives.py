@@ -68,6 +68,16 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (same shape and dtype everywhere) stacked along dim 0 in rank order, gathered
+    straight into one tensor: no per-rank copies and no concatenation beside it."""
+    if not active():
+        return t
+    out = t.new_empty((dist.get_world_size() * t.shape[0], *t.shape[1:]))
+    dist.all_gather_into_tensor(out, t.contiguous())
+    return out
+
+
 def ensure_process_group(env: DistEnv, timeout_s: float) -> None:
     """A process group even for one process (FSDP2 and torch.distributed.checkpoint need one);
     a launcher's group when there is one, else a private in-memory store of world size 1."""

@@ -15,6 +15,10 @@ and frees the rest, so a rank never holds more than its share plus one tensor. T
 as the layer's external parameters: ZeRO-3 then gathers them before the layer's forward and
 backward (gradient-checkpointing recompute included) and frees them after.
 
+ZeRO-3's gather budgets (prefetch, live parameters, reuse distance) default to one and two
+decoder blocks and release-after-use when the JSON leaves them out (`with_stage3_budgets`);
+DeepSpeed's own defaults keep a model under 1e9 elements gathered from forward to backward.
+
 The saved adapter is always whole: `whole_trainable` gathers it inside qtrain, so nothing
 depends on `stage3_gather_16bit_weights_on_model_save`.
 """
@@ -26,6 +30,7 @@ import datetime
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -36,14 +41,15 @@ from qtrain.checkpoint.train_state import required_files
 from qtrain.checkpoint.tree import flatten, unflatten
 from qtrain.config.schema import Recipe
 from qtrain.distributed import collectives
-from qtrain.distributed.deepspeed_config import build_config, config_stage
-from qtrain.distributed.engine import MakeOptimizer, StepOutcome, check_whole, local_shards, trainable
+from qtrain.distributed.deepspeed_config import build_config, config_stage, with_stage3_budgets
+from qtrain.distributed.engine import (MakeOptimizer, StepOutcome, check_whole, local_shards, repeated_blocks,
+                                      trainable)
 from qtrain.distributed.env import DistEnv
 from qtrain.distributed.plain import PlainEngine
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.peft.lora import LoRALinear
 from qtrain.quant.linear import NF4Linear
-from qtrain.quant.shard import RowShard
+from qtrain.quant.shard import RowShard, full_shape
 
 
 # Where ZeRO-3's state_dict() keeps the client optimizer's state.
@@ -62,6 +68,10 @@ class DeepSpeedEngine(PlainEngine):
         self.stage = config_stage(self.config)
         self.engine = None
 
+    @property
+    def gathers_parameters(self) -> bool:
+        return self.stage == 3
+
     def row_shard(self) -> RowShard:
         if self.stage < 3:
             return RowShard()
@@ -75,6 +85,9 @@ class DeepSpeedEngine(PlainEngine):
         logger.setLevel(logging.WARNING)
         init_process_group(self.recipe.distributed.timeout_s)
         if self.stage == 3:
+            block = largest_block_numel(model)
+            if block is not None:  # else DeepSpeed's own budgets
+                self.config = with_stage3_budgets(self.config, block)
             _partition_base(model, self.config)
         self.optimizer = make_optimizer(trainable(model))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.config)
@@ -174,20 +187,31 @@ def init_process_group(timeout_s: float) -> None:
 
 def _partition_base(model: nn.Module, config: dict) -> None:
     """Hand the loaded local shards to ZeRO-3 one tensor at a time: gather the whole tensor (ZeRO's
-    conversion takes it whole from rank 0), let `zero.Init` keep this rank's partition."""
+    conversion takes it whole from rank 0) straight into one buffer, let `zero.Init` keep this
+    rank's partition; a rank holds its share plus one whole tensor (and its local rows) at a time."""
     import deepspeed
 
     for owners, local, shape in local_shards(model):
         per = -(-shape[0] // collectives.world_size())
-        padded = local.new_zeros((per, *shape[1:]))
-        padded[: local.shape[0]] = local
-        whole = nn.Parameter(torch.cat(collectives.all_gather(padded))[: shape[0]], requires_grad=False)
-        del padded
+        if local.shape[0] < per:  # the last ranks' shorter or empty chunk
+            local = torch.cat([local, local.new_zeros((per - local.shape[0], *shape[1:]))])
+        whole = nn.Parameter(collectives.gather_rows(local)[: shape[0]], requires_grad=False)
+        del local
         for mod, leaf in owners:
             mod._parameters[leaf] = whole
         holder = nn.Module()
         holder.register_parameter("whole", whole)
         deepspeed.zero.Init(module=holder, config_dict_or_path=config, mem_efficient_linear=False)
+
+
+def largest_block_numel(model: nn.Module) -> Optional[int]:
+    """Elements of the largest decoder block's parameters, whole (a row-sharded tensor counts in full);
+    None for a model that names no block class (transformers' `_no_split_modules`)."""
+    def whole(p: torch.Tensor) -> int:
+        shape = full_shape(p)
+        return p.numel() if shape is None else shape.numel()
+
+    return max((sum(whole(p) for p in block.parameters()) for block in repeated_blocks(model)), default=None)
 
 
 def _register_direct_reads(model: nn.Module) -> None:

@@ -60,6 +60,9 @@ class Engine(abc.ABC):
     reshards: bool
     # Whether `backward`/`step` run fp16 dynamic loss scaling (qtrain.train.scaler.LossScaler).
     supports_loss_scaling: bool
+    # Whether each step gathers whole parameters from their shards and frees them again (FSDP,
+    # ZeRO-3): the host allocator then serves them by mmap (qtrain.train.host_memory).
+    gathers_parameters: bool
     model: nn.Module | None
     forward_model: nn.Module | None
     optimizer: torch.optim.Optimizer | None
@@ -115,6 +118,13 @@ class Engine(abc.ABC):
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated (decoder) blocks, by transformers' `_no_split_modules` (what device maps
+    keep whole); empty for a model that names none."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def local_shards(model: nn.Module) -> list[tuple[list[tuple[nn.Module, str]], torch.Tensor, torch.Size]]:

@@ -34,7 +34,7 @@ from qtrain.checkpoint.train_state import required_files
 from qtrain.checkpoint.tree import flatten, unflatten
 from qtrain.config.schema import Recipe
 from qtrain.distributed import collectives
-from qtrain.distributed.engine import MakeOptimizer, check_whole, local_shards, trainable
+from qtrain.distributed.engine import MakeOptimizer, check_whole, local_shards, repeated_blocks, trainable
 from qtrain.distributed.env import DistEnv
 from qtrain.distributed.plain import PlainEngine
 from qtrain.errors import CheckpointError, ModelError
@@ -48,6 +48,7 @@ class FSDPEngine(PlainEngine):
     owns_forward = True
     reshards = True
     supports_loss_scaling = False  # GradScaler's unscale on DTensor shards is untested here
+    gathers_parameters = True
 
     def __init__(self, recipe: Recipe, env: DistEnv) -> None:
         super().__init__(recipe, env)
@@ -162,9 +163,8 @@ class _Record:
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks, by transformers' `_no_split_modules` (what device maps keep whole)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    """The model's repeated blocks (`repeated_blocks`); ModelError when it names none."""
+    blocks = repeated_blocks(model)
     if not blocks:
         raise ModelError(f"distributed.engine: fsdp shards per decoder block, but {type(model).__name__} names no "
                          "block class (transformers' _no_split_modules); use distributed.engine: ddp or deepspeed")

@@ -26,6 +26,7 @@ class PlainEngine(Engine):
     owns_forward = False
     reshards = True  # a whole optimizer state fits any number of processes
     supports_loss_scaling = True
+    gathers_parameters = False
 
     def __init__(self, recipe: Recipe, env: DistEnv) -> None:
         self.recipe, self.env, self.device = recipe, env, env.device()

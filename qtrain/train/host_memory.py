@@ -11,6 +11,14 @@ of 256 tokens, 2-core AMD EPYC AVX2): peak RSS per rank 2853 and 3364 MiB in two
 ships; 1940 MiB with the threshold fixed at 16 MiB (1892 at 4 MiB, 1774 at 1 MiB, where every
 mmapped block costs fresh page faults). Step times stayed within the runs' noise.
 
+Under an engine that gathers whole parameters from their shards and frees them every step (FSDP,
+ZeRO-3) the heap fills with their freed bytes instead: DeepSpeed ZeRO-3 over 2 gloo ranks (same
+model and steps) climbed to a rank peak of 2719 MiB with the threshold at 16 MiB while its gathered
+parameters stayed under 320 MiB, and peaked at 1899 MiB at 1 MiB, with the same step times (~40 s,
+1 thread per rank). Those runs take 1 MiB (`threshold_for`). A compute-bound single-process step
+does not: the CPU benchmark's step (hidden 1024 x 8 layers, 2 threads) took ~190k page faults at
+4 MiB instead of ~20k at 16 MiB, and 1.5x its time at 1 MiB.
+
 `fix_mmap_threshold` is called by `qtrain train` before the model is loaded. A user who set
 `MALLOC_MMAP_THRESHOLD_` (glibc's own variable) keeps theirs; other C libraries are left alone.
 """
@@ -23,8 +31,15 @@ import platform
 from typing import Any, Optional
 
 THRESHOLD = 16 << 20
+GATHERING_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def threshold_for(gathers_parameters: bool) -> int:
+    """The threshold for a run: 1 MiB under an engine that gathers and frees whole parameters every
+    step (FSDP, ZeRO-3), else 16 MiB (see the module docstring for both measurements)."""
+    return GATHERING_THRESHOLD if gathers_parameters else THRESHOLD
 
 
 def fix_mmap_threshold(threshold: int = THRESHOLD, libc: Optional[Any] = None) -> bool:

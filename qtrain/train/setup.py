@@ -27,7 +27,7 @@ from qtrain.peft.recompute import checkpoint_kwargs
 from qtrain.peft.registry import method_for
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.quant.shard import RowShard
-from qtrain.train.host_memory import fix_mmap_threshold
+from qtrain.train.host_memory import fix_mmap_threshold, threshold_for
 from qtrain.train.loss import fused_ce_supported
 from qtrain.train.optim import build_optimizer, build_scheduler
 from qtrain.train.packing_check import configure_batches
@@ -136,7 +136,7 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     engine = create_engine(recipe, env)  # likewise an impossible engine setting
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
-    fix_mmap_threshold()  # large frees go back to the system (see train/host_memory.py)
+    fix_mmap_threshold(threshold_for(engine.gathers_parameters))  # large frees go back to the system
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True)
     device = env.device()

@@ -148,3 +148,33 @@ def test_fsdp_gives_untied_embeddings_units_of_their_own(tied):
     else:
         assert units == [model.model.embed_tokens, model.lm_head]
     assert embedding_units(torch.nn.Linear(2, 2)) == []  # not a transformers model: no embeddings to find
+
+
+def test_zero3_gather_budgets_come_from_the_largest_block_and_the_json_wins(tmp_path):
+    """Left out of the JSON, ZeRO-3's prefetch / live / reuse budgets are one block, two blocks and 0
+    (release after use); a row-sharded tensor counts whole; a key the user set is kept as set."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtrain.distributed.deepspeed import largest_block_numel
+    from qtrain.distributed.deepspeed_config import with_stage3_budgets
+    from qtrain.quant.shard import mark_full_shape
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64)
+    model = LlamaForCausalLM(cfg)
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert largest_block_numel(model) == block
+    q = model.model.layers[1].self_attn.q_proj
+    whole = q.weight.shape
+    q.weight = torch.nn.Parameter(q.weight.detach()[:8].clone())  # this rank's rows of a 16-row tensor
+    mark_full_shape(q.weight, tuple(whole))
+    assert largest_block_numel(model) == block
+    assert largest_block_numel(torch.nn.Linear(2, 2)) is None  # names no block class: DeepSpeed's own budgets
+
+    path = tmp_path / "z3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 5}}))
+    r = _recipe(engine="deepspeed", deepspeed_config=str(path))
+    r.train.optimizer = "adamw"
+    zero = with_stage3_budgets(build_config(r, 2), block)["zero_optimization"]
+    assert zero == {"stage": 3, "stage3_prefetch_bucket_size": block, "stage3_max_live_parameters": 2 * block,
+                    "stage3_max_reuse_distance": 5}

@@ -70,3 +70,18 @@ print(rss() - base)
                                      check=True).stdout) for mode in ("fix", "as-shipped")}
     assert kept["fix"] < 50, kept
     assert kept["as-shipped"] > 400, kept
+
+
+def test_engines_that_gather_parameters_take_the_low_threshold():
+    from qtrain.distributed.deepspeed import DeepSpeedEngine
+    from qtrain.distributed.fsdp import FSDPEngine
+    from qtrain.distributed.plain import PlainEngine
+    from qtrain.train.host_memory import GATHERING_THRESHOLD, threshold_for
+
+    assert GATHERING_THRESHOLD < THRESHOLD
+    assert threshold_for(FSDPEngine.gathers_parameters) == GATHERING_THRESHOLD
+    assert threshold_for(PlainEngine.gathers_parameters) == THRESHOLD
+    zero = DeepSpeedEngine.__new__(DeepSpeedEngine)  # the stage alone decides; no process group needed
+    for stage, expected in [(2, THRESHOLD), (3, GATHERING_THRESHOLD)]:
+        zero.stage = stage
+        assert threshold_for(zero.gathers_parameters) == expected
