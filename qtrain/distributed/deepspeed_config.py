@@ -117,16 +117,13 @@ def config_stage(config: dict) -> int:
     return int(config["zero_optimization"]["stage"])
 
 
-# ZeRO-3's gather budgets, in parameter elements (DeepSpeed's unit), that qtrain derives from the
-# model when the JSON leaves them out. DeepSpeed's own defaults (max_live_parameters 1e9,
-# max_reuse_distance 1e9) keep every gathered parameter of a model under 1e9 elements alive from
-# its forward to its backward: each rank ends up holding the whole model next to its partition.
-STAGE3_BUDGET_KEYS = ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance")
-
-
 def stage3_budgets(block_numel: int) -> dict:
-    """Gather one decoder block ahead, hold at most two, release each after use (re-gathered for
-    backward and for a checkpointed layer's recompute): a rank holds its partition plus ~2 blocks."""
+    """ZeRO-3's gather budgets, in parameter elements (DeepSpeed's unit), that qtrain derives from the
+    model when the JSON leaves them out: gather one decoder block ahead, hold at most two, release
+    each after use (re-gathered for backward and for a checkpointed layer's recompute), so a rank
+    holds its partition plus ~2 blocks. DeepSpeed's own defaults (max_live_parameters 1e9,
+    max_reuse_distance 1e9) keep every gathered parameter of a model under 1e9 elements alive from
+    its forward to its backward: each rank ends up holding the whole model next to its partition."""
     return {"stage3_prefetch_bucket_size": block_numel, "stage3_max_live_parameters": 2 * block_numel,
             "stage3_max_reuse_distance": 0}
 

@@ -66,12 +66,18 @@ def checkpoint_kwargs(recompute: str) -> dict:
     return kwargs
 
 
+def keeps_output(recompute: str, leaf: str, attention: tuple[str, ...] = ATTENTION_PROJECTIONS) -> bool:
+    """Whether an adapted linear named `leaf` keeps its output under `recompute`; `attention` are the
+    leaf names of the attention's projections."""
+    if recompute == "matmuls":
+        return True
+    return (recompute == "attention" and leaf in attention) or (recompute == "mlp" and leaf not in attention)
+
+
 def mark_kept_outputs(layers: dict[str, nn.Module], recompute: str,
                       attention: tuple[str, ...] = ATTENTION_PROJECTIONS) -> None:
     """Set `keep_output` on the adapted layers whose matmul outputs the policy keeps; `attention`
     are the leaf names of the attention's projections (from the architecture spec: fused qkv and
     T5's q/k/v/o included)."""
     for name, mod in layers.items():
-        leaf = name.rsplit(".", 1)[-1]
-        mod.keep_output = (recompute == "matmuls" or (recompute == "attention" and leaf in attention)
-                           or (recompute == "mlp" and leaf not in attention))
+        mod.keep_output = keeps_output(recompute, name.rsplit(".", 1)[-1], attention)

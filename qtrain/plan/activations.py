@@ -22,7 +22,7 @@ layer, attention's outputs and the kept linears' matmul outputs (see qtrain/peft
 
 from __future__ import annotations
 
-from qtrain.peft.recompute import ATTENTION_PROJECTIONS
+from qtrain.peft.recompute import keeps_output
 from qtrain.plan.model_shape import Linear
 from qtrain.plan.settings import Settings
 
@@ -92,9 +92,7 @@ def kept_per_token(s: Settings, layer: int = 0) -> int:
     sh = s.shape
     kept = sh.heads * sh.head_dim * s.a + 4 * sh.heads  # attention's output and logsumexp
     for lin in sh.layer_linears(layer):
-        leaf = lin.name.rsplit(".", 1)[-1]
-        attention = leaf in ATTENTION_PROJECTIONS
-        if lin.adapted and (s.recompute == "matmuls" or (s.recompute == "attention") == attention):
+        if lin.adapted and keeps_output(s.recompute, lin.name.rsplit(".", 1)[-1]):
             fused = s.fused_lora and lin.quantized  # the fused kernel's output is no aten matmul
             kept += 0 if fused else s.a * lin.out_features  # y: the base product's output (one tensor)
     return kept
