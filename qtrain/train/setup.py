@@ -125,7 +125,11 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device, precision:
     names = method.inject(model, recipe.peft, tokenizer)
     model.config.use_cache = False
     if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(recipe.train.recompute))
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(recipe.train.recompute))
+        # transformers also makes the token embeddings' output require grad, which only reentrant
+        # checkpointing needs: with a frozen embedding it costs the first layer's input-gradient GEMMs
+        # and, under ZeRO-3, a gather of the whole embedding matrix in every backward.
+        model.disable_input_require_grads()
         method.enable_checkpointing(model, recipe.train.recompute)
     return model, names
 

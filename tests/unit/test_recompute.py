@@ -38,6 +38,18 @@ def test_recompute_policy_gives_the_gradients_of_no_checkpointing(tiny_base_dir,
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_frozen_embedding_output_never_requires_grad(tiny_base_dir, tmp_path, checkpointing):
+    """Non-reentrant checkpointing needs no gradient at the frozen embedding's output; one there makes
+    backward run the first layer's input-gradient GEMMs (and ZeRO-3 gather the embedding) for nothing."""
+    recipe = recipe_from_dict({"output_dir": str(tmp_path), "model": {"path": str(tiny_base_dir)},
+                               "data": {"path": "x.jsonl"}, "train": {"gradient_checkpointing": checkpointing}})
+    model, _ = build_model(recipe, tiny_base_dir, torch.device("cpu"))
+    model.train()
+    assert not model.get_input_embeddings()(IDS).requires_grad
+    assert model(input_ids=IDS).logits.requires_grad  # the adapter's gradients still flow
+
+
 def test_policies_mark_the_right_layers(tiny_base_dir, tmp_path):
     for recompute, expected in [("full", set()), ("attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
                                 ("mlp", {"gate_proj", "up_proj", "down_proj"}),
