@@ -171,11 +171,22 @@ def test_fsdp_checkpoints_reshard_two_to_one_and_one_to_two(single, fsdp):
     assert {"rng-rank-0.safetensors", "rng-rank-1.safetensors"} <= set(files)  # both ranks stopped at step 5
 
 
-def test_nf4_bytes_with_nan_and_inf_patterns_survive_fsdp_and_zero3_gathers(root):
-    """Sharded on whole blocks (33 blocks over 2 ranks: padded), gathered for forward and backward."""
+def _two_ranks_say_ok(script: str, root: Path, kinds: tuple[str, ...]) -> None:
+    """Run tests/integration/SCRIPT under torchrun on 2 processes; each must print ": KIND ok" for every kind."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "integration" / "sharded_bytes.py"), str(root / "zero3.json")]
+           str(REPO / "tests" / "integration" / script), str(root / "zero3.json")]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for kind in ("fsdp", "zero3"):
-        assert proc.stdout.count(f"{kind} ok") == 2, proc.stdout
+    for kind in kinds:
+        assert proc.stdout.count(f": {kind} ok") == 2, proc.stdout
+
+
+def test_nf4_bytes_with_nan_and_inf_patterns_survive_fsdp_and_zero3_gathers(root):
+    """Sharded on whole blocks (33 blocks over 2 ranks: padded), gathered for forward and backward."""
+    _two_ranks_say_ok("sharded_bytes.py", root, ("fsdp", "zero3"))
+
+
+def test_zero3_gathers_the_frozen_embedding_and_head_in_row_parts(root):
+    """Untied and tied: both vocabulary matrices become several partitioned row parts, and a step's loss
+    and update equal the whole model's (zero3_vocab_parts.py)."""
+    _two_ranks_say_ok("zero3_vocab_parts.py", root, ("untied", "tied"))
