@@ -57,7 +57,7 @@ def _policy(ctx, op, *args, **kwargs):
 
 
 def checkpoint_kwargs(recompute: str) -> dict:
-    """kwargs for `model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`."""
+    """kwargs for `model.activation_checkpointing_enable(activation_checkpointing_kwargs=...)`."""
     kwargs: dict = {"use_reentrant": False}
     if recompute != "full":
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
