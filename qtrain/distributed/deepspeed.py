@@ -204,9 +204,10 @@ def _partition_base(model: nn.Module, config: dict, part_bytes: Optional[int]) -
         if part_bytes is not None and owners and all(id(mod) in vocab for mod, _ in owners):
             bounds = row_ranges(shape[0], shape[1:].numel() * local.element_size(), part_bytes)  # same on every rank
             parts = [_zero_param(collectives.gather_row_range(local, shape[0], lo, hi), config) for lo, hi in bounds]
-            for setter, embedding in [(vocab.pop(id(mod)), isinstance(mod, nn.Embedding)) for mod, _ in owners]:
-                setter((PartedEmbedding if embedding else PartedLinear)(parts, bounds, shape[1]))
-            del owners, local
+            for mod, _ in owners:
+                parted = PartedEmbedding if isinstance(mod, nn.Embedding) else PartedLinear
+                vocab.pop(id(mod))(parted(parts, bounds, shape[1]))
+            del owners, local, mod  # the replaced module and its local rows go now
         else:
             rows = collectives.gather_row_range(local, shape[0], 0, shape[0])
             del local  # (the owners still hold it until _zero_param registers the whole one)

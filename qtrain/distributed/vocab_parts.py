@@ -12,6 +12,7 @@ up to the GEMM's summation blocking).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -34,24 +35,33 @@ def splittable(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None and not module.weight.requires_grad
 
 
-class PartedEmbedding(nn.Module):
-    """`nn.Embedding` over row parts: each part looks up the ids in its range; every part is called
-    on every forward (the engine's gathers stay in step across ranks)."""
+class _RowParts(nn.Module):
+    """Row parts as submodules `parts`, each built by `make(rows)` around the given parameter itself
+    (perhaps already partitioned by an engine), not a copy."""
 
-    def __init__(self, parts: list[nn.Parameter], bounds: list[tuple[int, int]], dim: int) -> None:
+    def __init__(self, make: Callable[[int], nn.Module], parts: list[nn.Parameter],
+                 bounds: list[tuple[int, int]]) -> None:
         super().__init__()
         self.parts = nn.ModuleList()
-        for p, (lo, hi) in zip(parts, bounds):  # the parameters themselves (perhaps partitioned), not copies
-            embedding = nn.Embedding(hi - lo, dim, device="meta")
-            embedding.weight = p
-            self.parts.append(embedding)
+        for p, (lo, hi) in zip(parts, bounds):
+            part = make(hi - lo)
+            part.weight = p
+            self.parts.append(part)
         self.bounds = bounds
-        self.num_embeddings, self.embedding_dim = bounds[-1][1], dim
 
     @property
     def weight(self) -> nn.Parameter:
         """The first part's (for its dtype and device; the rows are in `parts`)."""
         return self.parts[0].weight
+
+
+class PartedEmbedding(_RowParts):
+    """`nn.Embedding` over row parts: each part looks up the ids in its range; every part is called
+    on every forward (the engine's gathers stay in step across ranks)."""
+
+    def __init__(self, parts: list[nn.Parameter], bounds: list[tuple[int, int]], dim: int) -> None:
+        super().__init__(lambda rows: nn.Embedding(rows, dim, device="meta"), parts, bounds)
+        self.num_embeddings, self.embedding_dim = bounds[-1][1], dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = None
@@ -62,22 +72,12 @@ class PartedEmbedding(nn.Module):
         return out
 
 
-class PartedLinear(nn.Module):
+class PartedLinear(_RowParts):
     """A bias-free `nn.Linear` over row parts of its weight: the parts' outputs side by side."""
 
     def __init__(self, parts: list[nn.Parameter], bounds: list[tuple[int, int]], dim: int) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList()
-        for p, (lo, hi) in zip(parts, bounds):
-            linear = nn.Linear(dim, hi - lo, bias=False, device="meta")
-            linear.weight = p
-            self.parts.append(linear)
+        super().__init__(lambda rows: nn.Linear(dim, rows, bias=False, device="meta"), parts, bounds)
         self.in_features, self.out_features = dim, bounds[-1][1]
-
-    @property
-    def weight(self) -> nn.Parameter:
-        """The first part's (for its dtype and device; the rows are in `parts`)."""
-        return self.parts[0].weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.parts], dim=-1)

@@ -70,7 +70,7 @@ def test_only_plain_frozen_vocabulary_matrices_are_split():
     assert not splittable(nn.LayerNorm(4))
 
 
-def _gather_ranges(rank: int, world: int, path: str, n: int, out: dict) -> None:
+def _gather_ranges(rank: int, world: int, path: str, n: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     try:
         whole = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
@@ -87,4 +87,4 @@ def _gather_ranges(rank: int, world: int, path: str, n: int, out: dict) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize("n", [5, 4])  # 3 ranks: 2 + 2 + 1 rows, and 2 + 2 + none
 def test_gather_row_range_returns_any_rows_from_the_ranks_that_hold_them(tmp_path, n):
-    mp.spawn(_gather_ranges, args=(3, str(tmp_path / "store"), n, {}), nprocs=3, join=True)
+    mp.spawn(_gather_ranges, args=(3, str(tmp_path / "store"), n), nprocs=3, join=True)
