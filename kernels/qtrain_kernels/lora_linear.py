@@ -15,6 +15,14 @@ Two paths, chosen per call:
 Dropout draws its mask with torch's RNG on both paths (the same mask for the same seed) and
 saves it for backward.
 
+On the torch path a layer with LoRA is two autograd Functions: `LowRankTerm` (the dropout and
+the low-rank term, and in backward every gradient of the layer, the base's g·W included) and
+`BaseProduct` (adds x·Wᵀ, saves nothing, passes g through). Non-reentrant gradient checkpointing
+stops recomputing once the last tensor backward needs is saved again, so a base product whose
+output nothing downstream saves (a Llama layer's down_proj, which only feeds the residual add)
+is never recomputed: one of a layer's three big GEMMs in every recomputed step. The fused path
+and a base without LoRA stay one Function (`LoRALinearFunction`).
+
 W is never kept between forward and backward: backward dequantizes it again. The exception is
 `save_weight=True` on the torch path, meant for gradient checkpointing: there the first forward's
 saved tensors are dropped by the checkpoint and the recomputed forward runs right before this
@@ -126,6 +134,8 @@ def _fused_forward(x2: torch.Tensor, nf4: NF4Buffers, bias, xa, b, scale: float)
 
 
 class LoRALinearFunction(torch.autograd.Function):
+    """The whole layer as one Function: the fused path (with or without LoRA) and a base without LoRA."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_fn: WeightFn, bias: Optional[torch.Tensor],
                 lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], scale: float,
@@ -182,6 +192,52 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, None, None, da, db, None, None, None, None, None
 
 
+class LowRankTerm(torch.autograd.Function):
+    """low = s·(drop(x)·Aᵀ)·Bᵀ (+ bias) on the torch path; its backward, given g = dL/dy of the whole
+    layer y = low + x·Wᵀ (which `BaseProduct` passes through unchanged), returns the layer's dx, dA, dB."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, w: torch.Tensor, weight_fn: WeightFn, bias: Optional[torch.Tensor],
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float,
+                save_weight: bool) -> torch.Tensor:
+        ctx.ab_dtype = lora_a.dtype
+        a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
+        with low_rank_product():
+            xd, mask = dropped(x2, dropout_p)
+            xa = xd @ a.t()
+            low = (xa * scale) @ b.t() if bias is None else torch.addmm(bias.to(x2.dtype), xa, b.t(), alpha=scale)
+        ctx.weight_fn, ctx.scale, ctx.dropout_p = weight_fn, scale, dropout_p
+        ctx.save_for_backward(xd, xa, mask, a, b, w if save_weight else None)
+        return low
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        xd, xa, mask, a, b, w = ctx.saved_tensors
+        gb = g @ b
+        dx = da = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dense_backward_dx(g, ctx.weight_fn(g.dtype) if w is None else w, gb, a, ctx.scale, mask,
+                                   ctx.dropout_p)
+        if ctx.needs_input_grad[4]:
+            da = (gb.t() @ xd).mul_(ctx.scale).to(ctx.ab_dtype)
+        if ctx.needs_input_grad[5]:
+            db = (g.t() @ xa).mul_(ctx.scale).to(ctx.ab_dtype)
+        return dx, None, None, None, da, db, None, None, None
+
+
+class BaseProduct(torch.autograd.Function):
+    """y = low + x·Wᵀ. Saves nothing, so checkpointing's recompute never has to reach it for a saved
+    tensor; x's gradient (g·W and the low-rank part) comes from `LowRankTerm`, which gets g as is."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, low: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(low, x2, w.t())
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return None, g, None
+
+
 def lora_linear(x: torch.Tensor, weight_fn: WeightFn, bias: Optional[torch.Tensor] = None,
                 lora_a: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None,
                 scale: float = 1.0, dropout_p: float = 0.0, save_weight: bool = False, *,
@@ -193,7 +249,13 @@ def lora_linear(x: torch.Tensor, weight_fn: WeightFn, bias: Optional[torch.Tenso
     With `backend="triton"` and the base's NF4 buffers as `nf4`, the fused kernels run where they
     can (CUDA tensors, or CPU under TRITON_INTERPRET=1); `weight_fn` stays the fallback.
     """
-    return LoRALinearFunction.apply(x, weight_fn, bias, lora_a, lora_b, scale, dropout_p, save_weight, nf4, backend)
+    x2 = x.reshape(-1, x.shape[-1])
+    if lora_a is None or _fused(backend, x2, nf4):
+        return LoRALinearFunction.apply(x, weight_fn, bias, lora_a, lora_b, scale, dropout_p, save_weight, nf4,
+                                        backend)
+    w = weight_fn(x.dtype)
+    low = LowRankTerm.apply(x2, w, weight_fn, bias, lora_a, lora_b, scale, dropout_p, save_weight)
+    return BaseProduct.apply(x2, low, w).view(*x.shape[:-1], w.shape[0])
 
 
 def lora_linear_dense_reference(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],

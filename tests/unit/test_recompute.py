@@ -96,3 +96,39 @@ def test_a_kept_layer_caches_one_output_its_base_product(tiny_base_dir, tmp_path
     op, shapes = kept[0]
     assert op.startswith("aten.addmm"), kept
     assert shapes[1] == (16, layer.in_features) and shapes[2] == (layer.in_features, layer.out_features), kept
+
+
+
+def _flops(fn) -> tuple[int, dict]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops(), counter.get_flop_counts()
+
+
+def _step_flops(base_dir, tmp_path, checkpointing: bool):
+    """(model, FLOPs per module of its forward, FLOPs of its backward) for one step on the tiny Llama."""
+    recipe = recipe_from_dict({"output_dir": str(tmp_path), "model": {"path": str(base_dir), "dtype": "float32"},
+                               "quant": {"method": "none"}, "data": {"path": "x.jsonl"},
+                               "train": {"gradient_checkpointing": checkpointing, "recompute": "full"}})
+    model, _ = build_model(recipe, base_dir, torch.device("cpu"))
+    model.train()
+    out = {}
+    _, forward = _flops(lambda: out.setdefault("loss", causal_lm_loss_sum(model(input_ids=IDS).logits, IDS)))
+    backward, _ = _flops(out["loss"].backward)
+    return model, forward, backward
+
+
+def test_the_recompute_stops_before_a_base_product_no_backward_needs(tiny_base_dir, tmp_path):
+    """A Llama layer's down_proj feeds only the residual add, so no backward needs its output: with
+    every layer recomputed, backward costs the plain backward plus each layer's forward FLOPs except
+    down_proj's base product (x·Wᵀ, 2·tokens·in·out). The low-rank term before it is recomputed."""
+    model, forward, plain = _step_flops(tiny_base_dir, tmp_path, False)
+    _, _, checkpointed = _step_flops(tiny_base_dir, tmp_path, True)
+    layers = [k for k in forward if k.split(".")[-2:-1] == ["layers"]]
+    assert len(layers) == model.config.num_hidden_layers, sorted(forward)
+    down = [m for n, m in lora_modules(model).items() if n.endswith("down_proj")]
+    down_base = sum(2 * IDS.numel() * m.in_features * m.out_features for m in down)
+    recomputed = sum(sum(forward[k].values()) for k in layers) - down_base
+    assert down_base > 0 and checkpointed - plain == recomputed
