@@ -19,8 +19,18 @@ parameters stayed under 320 MiB, and peaked at 1899 MiB at 1 MiB, with the same 
 does not: the CPU benchmark's step (hidden 1024 x 8 layers, 2 threads) took ~190k page faults at
 4 MiB instead of ~20k at 16 MiB, and 1.5x its time at 1 MiB.
 
+Fixing the mmap threshold also stops glibc from moving its trim threshold (the free bytes at the
+top of the heap it keeps rather than hand back) to twice the mmap threshold, as it otherwise does
+as the threshold rises: left at its 128 KiB default, the heap's top is handed back after nearly
+every step and the next step faults it in again. So the trim threshold is fixed at twice the mmap
+threshold, glibc's own rule. Measured on the CPU benchmark's step (hidden 1024 x 8 layers, 2
+threads, no checkpointing): 4-36k page faults per step and a median step of 2.47 s with the trim
+threshold at its default, under 20 per step (one step at 15k) and 2.37 s at 32 MiB; HF's process
+(glibc as shipped) took ~2.2 s with almost none.
+
 `fix_mmap_threshold` is called by `qtrain train` before the model is loaded. A user who set
-`MALLOC_MMAP_THRESHOLD_` (glibc's own variable) keeps theirs; other C libraries are left alone.
+`MALLOC_MMAP_THRESHOLD_` (glibc's own variable) keeps theirs, and one who set
+`MALLOC_TRIM_THRESHOLD_` keeps that; other C libraries are left alone.
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ from typing import Any, Optional
 THRESHOLD = 16 << 20
 GATHERING_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_M_TRIM_THRESHOLD = -1
 ENV = "MALLOC_MMAP_THRESHOLD_"
+TRIM_ENV = "MALLOC_TRIM_THRESHOLD_"
 
 
 def threshold_for(gathers_parameters: bool) -> int:
@@ -43,9 +55,11 @@ def threshold_for(gathers_parameters: bool) -> int:
 
 
 def fix_mmap_threshold(threshold: int = THRESHOLD, libc: Optional[Any] = None) -> bool:
-    """Fix glibc's mmap threshold at `threshold` bytes (which also stops its dynamic raising).
+    """Fix glibc's mmap threshold at `threshold` bytes (which also stops its dynamic raising), and its
+    trim threshold at twice that unless the user's environment sets it.
 
-    Returns whether it was set: False off glibc, or when the user's environment already sets it.
+    Returns whether the mmap threshold was set: False off glibc, or when the user's environment
+    already sets it.
     """
     if os.environ.get(ENV):
         return False
@@ -54,4 +68,8 @@ def fix_mmap_threshold(threshold: int = THRESHOLD, libc: Optional[Any] = None) -
             return False
         libc = ctypes.CDLL(None)
     mallopt = getattr(libc, "mallopt", None)
-    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
+    if mallopt is None or mallopt(_M_MMAP_THRESHOLD, int(threshold)) != 1:
+        return False
+    if not os.environ.get(TRIM_ENV):
+        mallopt(_M_TRIM_THRESHOLD, 2 * int(threshold))
+    return True

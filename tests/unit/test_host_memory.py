@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qtrain.train.host_memory import ENV, THRESHOLD, fix_mmap_threshold
+from qtrain.train.host_memory import ENV, THRESHOLD, TRIM_ENV, fix_mmap_threshold
 
 
 class FakeLibc:
@@ -20,11 +20,20 @@ class FakeLibc:
         return self.result
 
 
-def test_sets_glibc_mmap_threshold_once_with_its_parameter_number(monkeypatch):
+def test_sets_glibc_mmap_and_trim_thresholds_once_with_their_parameter_numbers(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv(TRIM_ENV, raising=False)
     libc = FakeLibc()
     assert fix_mmap_threshold(libc=libc) is True
-    assert libc.calls == [(-3, THRESHOLD)]  # M_MMAP_THRESHOLD in glibc's malloc.h
+    assert libc.calls == [(-3, THRESHOLD), (-1, 2 * THRESHOLD)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
+
+
+def test_the_users_own_trim_threshold_wins(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(TRIM_ENV, "131072")
+    libc = FakeLibc()
+    assert fix_mmap_threshold(libc=libc) is True
+    assert libc.calls == [(-3, THRESHOLD)]
 
 
 def test_the_users_own_setting_wins(monkeypatch):
@@ -39,18 +48,30 @@ def test_a_refused_mallopt_is_reported_as_not_set(monkeypatch):
     assert fix_mmap_threshold(libc=FakeLibc(result=0)) is False
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_big_frees_return_to_the_system_after_the_fix():
-    """In a fresh process: free a 24 MiB block (glibc would raise its threshold to it), then
-    allocate and free 40 blocks of 20 MiB, each followed by a live 256 KiB block: with the fix the RSS
-    falls back; as glibc ships, the heap keeps them."""
-    code = """
+# Fresh-process probes: libc's allocator driven through ctypes (argv[1] picks the mode).
+_LIBC = """
 import ctypes, sys
 from qtrain.train.host_memory import fix_mmap_threshold
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+"""
+
+
+def _printed_by(code: str, *modes: str) -> dict[str, int]:
+    """{mode: the integer `code` prints when run with that mode}, without the user's glibc variables."""
+    env = {k: v for k, v in os.environ.items() if k not in (ENV, TRIM_ENV)}
+    return {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
+                                     check=True).stdout) for mode in modes}
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_big_frees_return_to_the_system_after_the_fix():
+    """In a fresh process: free a 24 MiB block (glibc would raise its threshold to it), then
+    allocate and free 40 blocks of 20 MiB, each followed by a live 256 KiB block: with the fix the RSS
+    falls back; as glibc ships, the heap keeps them."""
+    code = _LIBC + """
 if sys.argv[1] == "fix":
     assert fix_mmap_threshold()
 def rss():
@@ -65,11 +86,32 @@ for b in blocks:
     libc.free(b)
 print(rss() - base)
 """
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    kept = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
-                                     check=True).stdout) for mode in ("fix", "as-shipped")}
+    kept = _printed_by(code, "fix", "as-shipped")
     assert kept["fix"] < 50, kept
     assert kept["as-shipped"] > 400, kept
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_a_step_that_frees_the_heap_top_does_not_fault_it_in_again():
+    """In a fresh process: 30 times allocate, touch and free an 8 MiB block (under the mmap threshold,
+    so at the heap's top). With the mmap threshold alone fixed (the old fix), glibc trims the top after
+    each free and every round faults 8 MiB in again; with the trim threshold fixed too, only the first."""
+    code = _LIBC + """
+import resource
+from qtrain.train.host_memory import _M_MMAP_THRESHOLD, THRESHOLD
+if sys.argv[1] == "fix":
+    assert fix_mmap_threshold()
+else:
+    assert libc.mallopt(_M_MMAP_THRESHOLD, THRESHOLD) == 1
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(30):
+    b = libc.malloc(8 << 20); libc.memset(b, 1, 8 << 20); libc.free(b)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = _printed_by(code, "fix", "mmap-only")
+    pages = (8 << 20) // 4096
+    assert faults["fix"] < 3 * pages, faults
+    assert faults["mmap-only"] > 20 * pages, faults
 
 
 def test_engines_that_gather_parameters_take_the_low_threshold():
