@@ -37,10 +37,11 @@ def cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ign
     safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
     lse = torch.logsumexp(x, dim=1, keepdim=True)
     loss = (lse - x.gather(1, safe)).squeeze(1)
-    grad = torch.exp(x.sub_(lse))
+    grad = x.sub_(lse).exp_()  # in place: the chunk itself when it is float32 already
     grad.scatter_(1, safe, grad.gather(1, safe) - 1.0)  # gather/scatter_: deterministic on CUDA too
     grad.mul_(valid.unsqueeze(1))
-    logits.copy_(grad)
+    if grad is not logits:
+        logits.copy_(grad)
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 

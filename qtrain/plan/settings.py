@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qtrain.config.schema import Recipe
+from qtrain.peft.registry import method_for
 from qtrain.plan.engines import EngineShares, resolve_engine
 from qtrain.plan.model_shape import ModelShape, model_shape
 from qtrain.plan.target import DTYPE_BYTES, Target, compute_dtype_name, model_dtype_name
@@ -74,5 +75,5 @@ def settings_from_recipe(recipe: Recipe, target: Target, engine_flag: str | None
         blocksize=recipe.quant.blocksize, double_quant=recipe.quant.double_quant,
         micro_batch=t.micro_batch_size, max_len=recipe.data.max_len, grad_accum=t.grad_accum,
         packing=recipe.data.packing, checkpointing=t.gradient_checkpointing, recompute=t.recompute,
-        optimizer=t.optimizer, fused_ce=recipe.kernels == "triton" and single and p.method == "lora",
+        optimizer=t.optimizer, fused_ce=single and method_for(p).fused_loss,
         fused_lora=triton, engine=engine, world=target.world, device=target.device)

@@ -47,10 +47,9 @@ def _deepspeed_bucket(s: Settings) -> Iterator[Option]:
                (), (), smaller)
 
 
-def _fused_loss(s: Settings) -> Iterator[Option]:
-    if not s.fused_ce and s.device == "cuda" and s.world == 1 and s.engine.name == "plain" and s.method == "lora":
-        yield "fused linear + cross-entropy (no logits tensor)", ("kernels=triton",), (), replace(
-            s, fused_ce=True, fused_lora=True)
+def _fused_kernels(s: Settings) -> Iterator[Option]:
+    if not s.fused_lora and s.device == "cuda" and s.method == "lora":
+        yield "fused NF4 LoRA kernels (W never dequantized whole)", ("kernels=triton",), (), replace(s, fused_lora=True)
 
 
 def _optimizer(s: Settings) -> Iterator[Option]:
@@ -106,7 +105,7 @@ def _max_len(s: Settings) -> Iterator[Option]:
 
 # Mildest first: what costs least throughput or quality comes first.
 AXES: tuple[Callable[[Settings], Iterator[Option]], ...] = (
-    _deepspeed_bucket, _fused_loss, _optimizer, _checkpointing, _micro_batch, _sharding, _world, _max_len)
+    _deepspeed_bucket, _fused_kernels, _optimizer, _checkpointing, _micro_batch, _sharding, _world, _max_len)
 
 
 def _suggestion(option: Option, capacity: int) -> Suggestion | None:

@@ -17,8 +17,7 @@ from qtrain.peft.registry import method_for
 from qtrain.train.checkpointing import save_checkpoint
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import PreemptFlag
-from qtrain.train.loss import (batch_logits, batch_loss_sum, batch_trained_tokens, causal_lm_loss_sum_fused,
-                               is_seq2seq_batch, nll_sum)
+from qtrain.train.loss import batch_trained_tokens, is_seq2seq_batch, loss_sum, nll_sum
 from qtrain.train.metrics import MetricsLog
 from qtrain.train.progress import Progress
 from qtrain.train.setup import Session
@@ -84,12 +83,7 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def loss_sum_of(s: Session, batch: dict[str, torch.Tensor], model=None) -> torch.Tensor:
-    if s.fused_ce_backend is not None and not is_seq2seq_batch(batch):  # the fused loss is causal-LM only
-        with _autocast(s):
-            return causal_lm_loss_sum_fused(s.model, batch, s.fused_ce_backend)
-    with _autocast(s):
-        logits = batch_logits(model or s.model, batch)
-    return batch_loss_sum(logits, batch)
+    return loss_sum(s.model, batch, s.fused_ce_backend, lambda: _autocast(s), model)
 
 
 def with_penalty(s: Session, objective: torch.Tensor) -> torch.Tensor:

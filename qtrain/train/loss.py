@@ -8,6 +8,7 @@ right one from the batch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
@@ -84,6 +85,21 @@ def causal_lm_loss_sum_fused(model: nn.Module, batch: dict[str, torch.Tensor], b
     labels = batch["labels"]
     return fused_linear_cross_entropy(hidden[:, :-1], model.get_output_embeddings().weight, labels[:, 1:],
                                       IGNORE_INDEX, backend=backend)
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], fused_backend: Optional[str],
+             autocast: Callable[[], Any] = contextlib.nullcontext, forward_model: Optional[nn.Module] = None
+             ) -> torch.Tensor:
+    """The batch's token-sum loss as the trainer computes it: the fused linear + cross-entropy on
+    `fused_backend` for a causal-LM batch (see train.setup.fused_ce_backend), else the logits of
+    `forward_model` (an engine's wrapper; default `model`) and cross-entropy. `autocast()` wraps
+    the forward (and the fused loss, which runs the lm_head)."""
+    if fused_backend is not None and not is_seq2seq_batch(batch):
+        with autocast():
+            return causal_lm_loss_sum_fused(model, batch, fused_backend)
+    with autocast():
+        logits = batch_logits(forward_model or model, batch)
+    return batch_loss_sum(logits, batch)
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -69,16 +69,18 @@ def kernel_backend(recipe: Recipe) -> str:
 
 
 def fused_ce_backend(recipe: Recipe, model: nn.Module, engine_owns_forward: bool) -> str | None:
-    """"triton" when the fused linear + cross-entropy replaces the logits: `kernels: triton`, a plain
-    lm_head, a decoder-only model, a method that allows it, and an engine that lets the loss call
-    submodules directly (under DDP/DeepSpeed/FSDP the forward must go through their wrapper or hooks)."""
-    if kernel_backend(recipe) != "triton" or engine_owns_forward or not fused_ce_supported(model):
+    """The kernel backend the fused linear + cross-entropy loss runs on (its row step: the Triton kernel
+    with `kernels: triton`, else torch), or None for the logits path. The fused loss never holds the
+    [tokens x vocab] logits and their fp32 copies; it needs a plain lm_head, a decoder-only model, a
+    method that allows it, and an engine that lets the loss call submodules directly (under
+    DDP/DeepSpeed/FSDP the forward must go through their wrapper or hooks)."""
+    if engine_owns_forward or not fused_ce_supported(model):
         return None
     if getattr(model.config, "is_encoder_decoder", False):  # the fused loss is written for decoder-only LMs
         return None
     if not method_for(recipe.peft).fused_loss:  # e.g. full fine-tuning's fp32 head, virtual tokens
         return None
-    return "triton"
+    return kernel_backend(recipe)
 
 
 def autocast_dtype(recipe: Recipe, precision: Precision) -> torch.dtype | None:
