@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_cpu_step [--hidden 1024 --layers 8 --seq 256 --batch 2 --rank 16 --steps 8
                                          --warmup 2 --rounds 1 --threads N --dtype auto --checkpointing both
+                                         --paired-steps 0
                                          --recompute full,mlp,attention,matmuls --out benchmarks/results/cpu.json]
 
 Both sides train the same random-init Llama (written once, bf16 safetensors, to a cache dir) on the
@@ -10,6 +11,11 @@ NF4 double-quant base, LoRA r/2r on all 7 projections. `--dtype auto` computes i
 `model.dtype: auto` picks on this CPU (fp32 without AVX-512 BF16/AMX, else bf16 autocast), on both
 sides. `--checkpointing` measures with non-reentrant gradient checkpointing (the anchor recomputes
 whole layers, qtrain once per `--recompute` mode), without it, or both.
+
+With `--paired-steps N` each qtrain variant is also timed against the anchor inside one process,
+their steps alternating N times: on a shared VM whose speed drifts by ±10% over a minute, the
+median of those per-pair ratios is the steadier time ratio (memory still comes from the separate
+processes, where each side's RSS is its own).
 
 Beside the qtrain/anchor ratios, each side reports its achieved GFLOP/s: the model's FLOPs per step
 (forward + backward of a frozen base with LoRA; recomputation not counted, so it is useful work)
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing", default="both", choices=("both", "on", "off"))
     p.add_argument("--recompute", default=",".join(MODES),
                    help="qtrain's train.recompute modes to measure with checkpointing, comma-separated")
+    p.add_argument("--paired-steps", type=int, default=0,
+                   help="also time each qtrain variant against the anchor in ONE process, alternating their "
+                        "steps this many times (both sides see the same machine moment; no memory figures)")
     p.add_argument("--cache", type=Path, default=None, help="model dir (default /tmp/qtrain_bench/llama-H-L)")
     p.add_argument("--out", type=Path, default=None, help="merge the result into this JSON file, keyed by device")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)
@@ -61,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--recompute takes {', '.join(MODES)}; got {args.recompute or 'nothing'}")
     if args.hidden % 64:
         p.error(f"--hidden must be a multiple of 64 (head dim 64), got {args.hidden}")
-    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-        p.error("--steps and --rounds must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.paired_steps < 0:
+        p.error("--steps and --rounds must be >= 1, --warmup and --paired-steps >= 0")
     return args
 
 
@@ -135,15 +145,16 @@ def gemm_peak(args: argparse.Namespace) -> dict:
 
 
 def build_qtrain(args: argparse.Namespace, base: Path, tmp: str, checkpointing: bool, mode: str):
-    """qtrain's own model build (`build_model`) and its trainer's loss: token sum / trained tokens."""
+    """qtrain's own model build (`build_model`) and its trainer's loss (`train.loss.loss_sum`: the fused
+    linear + cross-entropy where `fused_ce_backend` picks it) over the trained tokens."""
     import contextlib
 
     import torch
 
     from qtrain.config import recipe_from_dict
     from qtrain.train.host_memory import fix_mmap_threshold
-    from qtrain.train.loss import causal_lm_loss_sum, count_trained_tokens
-    from qtrain.train.setup import build_model
+    from qtrain.train.loss import count_trained_tokens, loss_sum
+    from qtrain.train.setup import build_model, fused_ce_backend
 
     fix_mmap_threshold()  # as `qtrain train` does before loading (train/setup.prepare)
 
@@ -157,34 +168,58 @@ def build_qtrain(args: argparse.Namespace, base: Path, tmp: str, checkpointing: 
     model, _ = build_model(recipe, base, torch.device("cpu"))
     model.train()
     dtype = getattr(torch, compute_dtype(args.dtype))
+    fused = fused_ce_backend(recipe, model, engine_owns_forward=False)
+
+    def amp():
+        return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def loss_fn(input_ids: torch.Tensor) -> torch.Tensor:
-        mask = torch.ones_like(input_ids)
-        amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        with amp:
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-        return causal_lm_loss_sum(logits, input_ids) / max(1, count_trained_tokens(input_ids))
+        batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+        return loss_sum(model, batch, fused, amp) / max(1, count_trained_tokens(input_ids))
 
     return model, loss_fn
 
 
-def time_steps(model, loss_fn, input_ids, warmup: int, steps: int) -> tuple[list[float], list[float], list[float]]:
-    """(wall seconds and process CPU seconds of each timed step, loss of every step)."""
+def stepper(model, loss_fn, input_ids):
+    """One training step of a side as a function returning its loss: forward, backward, AdamW, zero_grad."""
     import torch
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    times, cpu, losses = [], [], []
-    for i in range(warmup + steps):
-        t0, c0 = time.perf_counter(), time.process_time()
+
+    def step() -> float:
         loss = loss_fn(input_ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        return float(loss.detach())
+
+    return step
+
+
+def time_steps(model, loss_fn, input_ids, warmup: int, steps: int) -> tuple[list[float], list[float], list[float]]:
+    """(wall seconds and process CPU seconds of each timed step, loss of every step)."""
+    step = stepper(model, loss_fn, input_ids)
+    times, cpu, losses = [], [], []
+    for i in range(warmup + steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        losses.append(step())
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     return times, cpu, losses
+
+
+def build_side(args: argparse.Namespace, side: str, mode: str, tmp: str):
+    """(model, loss_fn) of one side: "hf" or "qtrain", `mode` = off | a recompute mode."""
+    import torch
+
+    checkpointing = mode != "off"
+    torch.manual_seed(SEED)  # LoRA A init
+    if side == "hf":
+        from benchmarks._anchor import build_anchor
+
+        return build_anchor(model_dir(args), args.rank, 2.0 * args.rank, compute_dtype(args.dtype), checkpointing)
+    return build_qtrain(args, model_dir(args), tmp, checkpointing, mode if checkpointing else "full")
 
 
 def run_side(args: argparse.Namespace) -> dict:
@@ -192,18 +227,33 @@ def run_side(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    checkpointing = args.mode != "off"
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(SEED)  # LoRA A init
-        if args.side == "hf":
-            from benchmarks._anchor import build_anchor
-
-            model, loss_fn = build_anchor(model_dir(args), args.rank, 2.0 * args.rank, compute_dtype(args.dtype),
-                                          checkpointing)
-        else:
-            model, loss_fn = build_qtrain(args, model_dir(args), tmp, checkpointing, args.mode if checkpointing else "full")
+        model, loss_fn = build_side(args, args.side, args.mode, tmp)
     return measure(model, loss_fn, args, time.perf_counter() - t0)
+
+
+def run_paired(args: argparse.Namespace) -> dict:
+    """The anchor and qtrain (`--mode`) in one process, stepping alternately (which goes first alternates too),
+    so a slow moment of a shared machine falls on both. qtrain's host-memory setting then applies to both."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    input_ids = torch.randint(0, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(SEED))
+    anchor_mode = "off" if args.mode == "off" else "full"
+    with tempfile.TemporaryDirectory() as tmp:
+        sides = {"qtrain": build_side(args, "qtrain", args.mode, tmp), "hf": build_side(args, "hf", anchor_mode, tmp)}
+    steppers = {name: stepper(model, loss_fn, input_ids) for name, (model, loss_fn) in sides.items()}
+    for _ in range(args.warmup):
+        for step in steppers.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for i in range(args.paired_steps):
+        for name in (("qtrain", "hf") if i % 2 == 0 else ("hf", "qtrain")):
+            t0 = time.perf_counter()
+            steppers[name]()
+            times[name].append(round(time.perf_counter() - t0, 4))
+    return times
 
 
 def measure(model, loss_fn, args: argparse.Namespace, load_s: float) -> dict:
@@ -230,7 +280,7 @@ def measure(model, loss_fn, args: argparse.Namespace, load_s: float) -> dict:
 
 # ---- parent ---------------------------------------------------------------------------------------
 
-ARGS = ("hidden", "layers", "seq", "batch", "rank", "steps", "warmup", "threads", "dtype", "cache")
+ARGS = ("hidden", "layers", "seq", "batch", "rank", "steps", "warmup", "threads", "dtype", "cache", "paired_steps")
 PEAKS = ("peak_rss_mib", "peak_rss_load_mib", "rss_after_load_mib", "peak_rss_train_mib")
 LAST = ("first_loss", "final_loss", "trainable_params", "threads")
 
@@ -268,6 +318,16 @@ def compare(args: argparse.Namespace) -> dict:
                      "train_phase_peak_memory_qtrain_over_hf": h.ratio(s, sides[anchor], "peak_rss_train_mib")}
               for name, s in sides.items() if name.startswith("qtrain")
               for anchor in ["hf-nockpt" if name == "qtrain-nockpt" else "hf"] if anchor in sides}
+    paired = {}
+    if args.paired_steps:
+        for name, side, mode in variants(args):
+            if side == "qtrain":
+                argv = h.side_argv("benchmarks.bench_cpu_step", "paired", args, ARGS, mode=mode)
+                times = h.run_json(argv, f"the paired {name!r} run")
+                pairs = [q / a for q, a in zip(times["qtrain"], times["hf"])]
+                paired[name] = {"step_times": times, "median_pair_ratio": round(statistics.median(pairs), 3),
+                                "median_step_s": {k: round(statistics.median(v), 4) for k, v in times.items()}}
+                ratios[name]["paired_step_time_qtrain_over_hf"] = paired[name]["median_pair_ratio"]
     return {
         "device": h.cpu_key(args.threads), "cpu": h.cpu_name(), "cpu_flags": h.cpu_flags(), "date": h.now(),
         "config": {"model": llama_config(args.hidden, args.layers), "seq": args.seq, "batch": args.batch,
@@ -277,11 +337,13 @@ def compare(args: argparse.Namespace) -> dict:
                    "gradient_checkpointing": "non-reentrant (anchor: full recompute; qtrain: per train.recompute)",
                    "model_flops_per_step": flops,
                    "qtrain": "train.setup.build_model(recipe) after train.host_memory.fix_mmap_threshold() (as "
-                             "qtrain train); loss = causal_lm_loss_sum / count_trained_tokens, "
-                             "forward with an all-ones attention_mask, as train/loop.py does"},
+                             "qtrain train); loss = train.loss.loss_sum (fused linear + cross-entropy, as "
+                             "train.setup.fused_ce_backend picks for this plain single-process run) / "
+                             "count_trained_tokens, forward with an all-ones attention_mask, as train/loop.py does"},
         "gemm_peak": gemm,
         "anchor_config": anchor_config(args.rank, 2 * args.rank, prep["dtype"]),
         "sides": sides,
+        "paired": paired,
         "ratios": ratios,
         "versions": h.versions(),
     }
@@ -293,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(prepare_base(args)))
     elif args.side == "gemm":
         print(json.dumps(gemm_peak(args)))
+    elif args.side == "paired":
+        print(json.dumps(run_paired(args)))
     elif args.side:
         print(json.dumps(run_side(args)))
     else:
