@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 
 from qtrain_kernels.dispatch import NF4Buffers
-from qtrain_kernels.lora_linear import WeightFn, _fused, _fused_forward, dense_forward, dropped, low_rank_product
+from qtrain_kernels.lora_linear import (WeightFn, _fused, _fused_forward, dense_forward, dropped, low_rank_grads,
+                                       low_rank_product)
 
 
 def _base_forward(x2: torch.Tensor, weight_fn: WeightFn, bias, nf4, fused: bool):
@@ -131,10 +132,8 @@ class AdaptedLinearFunction(torch.autograd.Function):
                 lo = gb @ a
                 dxs = dxs.add_(lo if mask is None else lo * mask / (1.0 - ctx.dropout_p), alpha=ctx.scale)
             dx = dxs.view(ctx.x_shape) if need[0] else None
-        if gb is not None and need[3]:
-            da = (gb.t() @ xd).mul_(ctx.scale).to(a_dtype)
-        if gb is not None and need[4]:
-            db = (gz.t() @ xa).mul_(ctx.scale).to(a_dtype)
+        if gb is not None:
+            da, db = low_rank_grads(gz, gb, xd, xa, ctx.scale, a_dtype, need[3], need[4])
         return dx, None, None, da, db, None, None, None, d_out, None, d_delta, d_in, None, None, None
 
 

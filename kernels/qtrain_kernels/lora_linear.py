@@ -92,6 +92,15 @@ def dense_backward_dx(g: torch.Tensor, w: torch.Tensor, gb: Optional[torch.Tenso
     return dx
 
 
+def low_rank_grads(g: torch.Tensor, gb: torch.Tensor, xd: torch.Tensor, xa: torch.Tensor, scale: float,
+                   dtype: torch.dtype, need_a: bool, need_b: bool):
+    """(dA, dB) in A's and B's storage `dtype`, each None when not needed: dA = s·(g·B)ᵀ·drop(x),
+    dB = s·gᵀ·(drop(x)·Aᵀ), from gb = g·B."""
+    da = (gb.t() @ xd).mul_(scale).to(dtype) if need_a else None
+    db = (g.t() @ xa).mul_(scale).to(dtype) if need_b else None
+    return da, db
+
+
 def lora_forward_reference(x: torch.Tensor, nf4: NF4Buffers, bias: Optional[torch.Tensor],
                            xa: Optional[torch.Tensor], b: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """Oracle of `triton.lora_matmul.lora_forward` and `triton.gemv_nf4.nf4_gemv` (same signature)."""
@@ -185,10 +194,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 w = ctx.weight_fn(g.dtype) if w is None else w
                 dx = dense_backward_dx(g, w, gb, lora_a, ctx.scale, mask, ctx.dropout_p)
             dx = dx.view(ctx.x_shape)
-        if ctx.has_lora and ctx.needs_input_grad[3]:
-            da = (gb.t() @ xd).mul_(ctx.scale).to(ctx.ab_dtype)
-        if ctx.has_lora and ctx.needs_input_grad[4]:
-            db = (g.t() @ xa).mul_(ctx.scale).to(ctx.ab_dtype)
+        if ctx.has_lora:
+            da, db = low_rank_grads(g, gb, xd, xa, ctx.scale, ctx.ab_dtype, ctx.needs_input_grad[3],
+                                    ctx.needs_input_grad[4])
         return dx, None, None, da, db, None, None, None, None, None
 
 
@@ -214,14 +222,12 @@ class LowRankTerm(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         xd, xa, mask, a, b, w = ctx.saved_tensors
         gb = g @ b
-        dx = da = db = None
+        dx = None
         if ctx.needs_input_grad[0]:
             dx = dense_backward_dx(g, ctx.weight_fn(g.dtype) if w is None else w, gb, a, ctx.scale, mask,
                                    ctx.dropout_p)
-        if ctx.needs_input_grad[4]:
-            da = (gb.t() @ xd).mul_(ctx.scale).to(ctx.ab_dtype)
-        if ctx.needs_input_grad[5]:
-            db = (g.t() @ xa).mul_(ctx.scale).to(ctx.ab_dtype)
+        da, db = low_rank_grads(g, gb, xd, xa, ctx.scale, ctx.ab_dtype, ctx.needs_input_grad[4],
+                                ctx.needs_input_grad[5])
         return dx, None, None, None, da, db, None, None, None
 
 
