@@ -35,12 +35,27 @@ class ArchSpec:
     mlp_projections: tuple[str, ...]
     mlp_output: tuple[str, ...]
     fused_qkv: bool = False
+    # Whether nothing after the FFN's output projection saves a tensor (Llama: the residual add that
+    # ends the block), except a dropout under one of `ffn_output_dropout`'s config keys when its rate
+    # is positive. Then gradient checkpointing's recompute stops before that projection's base
+    # product and keeping its output buys nothing. Not T5: in fp16 it clamps the block's output.
+    ffn_output_last: bool = True
+    ffn_output_dropout: tuple[str, ...] = ()
     # Config flags that give the attention / FFN linears a bias (merging BitFit into a model whose
     # linears have none needs them); empty: the family's config cannot add biases.
     bias_flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def attention_leaves(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p.rsplit(".", 1)[-1] for p in self.attention_projections))
+
+    def unneeded_outputs(self, config=None) -> tuple[str, ...]:
+        """Leaf names of linears whose output no backward and no recompute needs: the FFN's output
+        projection, unless a dropout (a positive rate in `config`, or no config to tell) follows it."""
+        keys = self.ffn_output_dropout
+        dropout = bool(keys) and (config is None or any(getattr(config, k, 0) for k in keys))
+        if not self.ffn_output_last or dropout:
+            return ()
+        return tuple(dict.fromkeys(p.rsplit(".", 1)[-1] for p in self.mlp_output))
 
     def default_targets(self) -> list[str]:
         """LoRA's default: every attention and FFN projection (leaf names, PEFT's target_modules form)."""
@@ -60,10 +75,11 @@ SPECS: tuple[ArchSpec, ...] = (
              ("mlp.down_proj",)),
     ArchSpec("phi3", ("phi3",), ("model.layers",), ("self_attn.qkv_proj", "self_attn.o_proj"),
              ("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp",), ("mlp.gate_up_proj", "mlp.down_proj"),
-             ("mlp.down_proj",), fused_qkv=True),
+             ("mlp.down_proj",), fused_qkv=True, ffn_output_dropout=("resid_pdrop",)),
     ArchSpec("gpt_neox", ("gpt_neox",), ("gpt_neox.layers",), ("attention.query_key_value", "attention.dense"),
              ("attention.query_key_value",), ("attention.dense",), ("mlp",),
-             ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",), fused_qkv=True),
+             ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",), fused_qkv=True,
+             ffn_output_dropout=("hidden_dropout",)),
     ArchSpec("t5", ("t5", "mt5"), ("encoder.block", "decoder.block"),
              tuple(f"{a}.{p}" for a in ("layer.0.SelfAttention", "layer.1.EncDecAttention") for p in "qkvo"),
              ("layer.0.SelfAttention.k", "layer.0.SelfAttention.v", "layer.1.EncDecAttention.k",
@@ -72,7 +88,7 @@ SPECS: tuple[ArchSpec, ...] = (
              ("layer.1.DenseReluDense", "layer.2.DenseReluDense"),
              tuple(f"{f}.{p}" for f in ("layer.1.DenseReluDense", "layer.2.DenseReluDense")
                    for p in ("wi", "wi_0", "wi_1", "wo")),
-             ("layer.1.DenseReluDense.wo", "layer.2.DenseReluDense.wo")),
+             ("layer.1.DenseReluDense.wo", "layer.2.DenseReluDense.wo"), ffn_output_last=False),
 )
 
 

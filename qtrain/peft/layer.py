@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qtrain.models.arch_spec import spec_for_type
-from qtrain.peft.recompute import ATTENTION_PROJECTIONS, keep_matmul_outputs, mark_kept_outputs
+from qtrain.peft.recompute import keep_matmul_outputs, mark_kept_outputs
 from qtrain.peft.targets import find_targets, resolve_targets
 from qtrain.quant.linear import NF4Linear, dense_weight_fn, kernel_kwargs
 
@@ -106,9 +106,13 @@ def resolved_leaves(names: list[str]) -> list[str]:
 
 def prepare_recompute(model: nn.Module, recompute: str) -> None:
     """With gradient checkpointing on: every adapted layer keeps its recomputed W for its backward,
-    and the policy's layers keep their outputs (the attention's projections from the model's spec)."""
+    and the policy's layers keep their outputs (the attention's projections and the outputs nothing
+    needs again from the model's spec)."""
     layers = adapted_linears(model)
     for mod in layers.values():
         mod.save_weight_for_backward = True
     spec = spec_for_type(getattr(model.config, "model_type", ""))
-    mark_kept_outputs(layers, recompute, spec.attention_leaves() if spec else ATTENTION_PROJECTIONS)
+    if spec is None:
+        mark_kept_outputs(layers, recompute)
+    else:
+        mark_kept_outputs(layers, recompute, spec.attention_leaves(), spec.unneeded_outputs(model.config))

@@ -3,12 +3,19 @@
 - `full`: recompute the whole decoder layer (HF's default; least memory).
 - `mlp`: keep the outputs of the MLP's projections (gate, up, down: two thirds of a Llama layer's
   FLOPs) and of attention itself; recompute the attention projections and the element-wise ops.
-  Costs (gate + up + down + attn) outputs per token.
+  Costs (gate + up + attn) outputs per token on Llama (down's is not needed, see below).
 - `attention`: keep the outputs of the attention block's projections and of attention itself;
   recompute the MLP and the element-wise ops. Costs (q + k + v + o + attn) outputs per token.
 - `matmuls`: keep every adapted linear's output and attention's; recompute only element-wise
   ops. Fastest; its memory grows with tokens x layers x (sum of projection widths), e.g.
-  ~11 GB for a Llama-8B step of 4k tokens, so it is for small models or short sequences.
+  ~10 GB for a Llama-8B step of 4k tokens, so it is for small models or short sequences.
+
+The FFN's output projection (Llama's down_proj) keeps nothing in any mode where no dropout
+follows it (`ArchSpec.unneeded_outputs`): only the residual add that ends the layer reads its
+output, and that saves nothing, so torch's recompute stops before its base product once the
+tensors its backward needs (its low-rank term's) are back. Keeping it would cost a
+[tokens, hidden] tensor per layer (~32 MiB per layer for an 8B model at 4k tokens) for no FLOP;
+tests/unit/test_recompute.py counts the FLOPs both ways.
 
 A kept linear keeps one [tokens, out_features] tensor, its base product's output (the low-rank
 branch is marked by `qtrain_kernels.lora_linear.low_rank_product` and recomputed).
@@ -66,18 +73,22 @@ def checkpoint_kwargs(recompute: str) -> dict:
     return kwargs
 
 
-def keeps_output(recompute: str, leaf: str, attention: tuple[str, ...] = ATTENTION_PROJECTIONS) -> bool:
+def keeps_output(recompute: str, leaf: str, attention: tuple[str, ...] = ATTENTION_PROJECTIONS,
+                 unneeded: tuple[str, ...] = ()) -> bool:
     """Whether an adapted linear named `leaf` keeps its output under `recompute`; `attention` are the
-    leaf names of the attention's projections."""
+    leaf names of the attention's projections, `unneeded` those whose output nothing needs again
+    (`ArchSpec.unneeded_outputs`: the recompute stops before them, so keeping costs memory only)."""
+    if leaf in unneeded:
+        return False
     if recompute == "matmuls":
         return True
     return (recompute == "attention" and leaf in attention) or (recompute == "mlp" and leaf not in attention)
 
 
 def mark_kept_outputs(layers: dict[str, nn.Module], recompute: str,
-                      attention: tuple[str, ...] = ATTENTION_PROJECTIONS) -> None:
+                      attention: tuple[str, ...] = ATTENTION_PROJECTIONS, unneeded: tuple[str, ...] = ()) -> None:
     """Set `keep_output` on the adapted layers whose matmul outputs the policy keeps; `attention`
     are the leaf names of the attention's projections (from the architecture spec: fused qkv and
-    T5's q/k/v/o included)."""
+    T5's q/k/v/o included), `unneeded` as in `keeps_output`."""
     for name, mod in layers.items():
-        mod.keep_output = keeps_output(recompute, name.rsplit(".", 1)[-1], attention)
+        mod.keep_output = keeps_output(recompute, name.rsplit(".", 1)[-1], attention, unneeded)

@@ -22,6 +22,7 @@ layer, attention's outputs and the kept linears' matmul outputs (see qtrain/peft
 
 from __future__ import annotations
 
+from qtrain.models.arch_spec import spec_for_type
 from qtrain.peft.recompute import keeps_output
 from qtrain.plan.model_shape import Linear
 from qtrain.plan.settings import Settings
@@ -86,13 +87,16 @@ def weight_casts(s: Settings, lins) -> int:
 def kept_per_token(s: Settings, layer: int = 0) -> int:
     """Selective recompute: what a checkpointed layer keeps besides its input (none for `full`); the
     adapted linears' outputs per qtrain.peft.recompute (`attention`: the attention projections',
-    `mlp`: the others', `matmuls`: all)."""
+    `mlp`: the others', `matmuls`: all; never the FFN output projection's where the spec says no
+    recompute needs it)."""
     if s.recompute == "full":
         return 0
     sh = s.shape
     kept = sh.heads * sh.head_dim * s.a + 4 * sh.heads  # attention's output and logsumexp
+    spec = spec_for_type(sh.model_type)
+    unneeded = spec.unneeded_outputs() if spec else ()
     for lin in sh.layer_linears(layer):
-        if lin.adapted and keeps_output(s.recompute, lin.name.rsplit(".", 1)[-1]):
+        if lin.adapted and keeps_output(s.recompute, lin.name.rsplit(".", 1)[-1], unneeded=unneeded):
             fused = s.fused_lora and lin.quantized  # the fused kernel's output is no aten matmul
             kept += 0 if fused else s.a * lin.out_features  # y: the base product's output (one tensor)
     return kept

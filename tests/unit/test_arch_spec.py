@@ -65,6 +65,28 @@ def test_auto_targets_are_every_attention_and_ffn_projection_and_all_linear_spar
     assert all(model.get_submodule(n) is not head for n in names)
 
 
+@pytest.mark.parametrize("key, dropout", [("llama", None), ("qwen2", None), ("phi3", "resid_pdrop"),
+                                          ("gpt_neox", "hidden_dropout"), ("t5", None)])
+def test_the_ffn_output_projection_keeps_its_output_only_where_a_recompute_needs_it(key, dropout):
+    """Under `mlp` the FFN's output projection keeps nothing when only a residual add follows it
+    (the recompute stops before it); a dropout after it (rate > 0) or T5's block end needs it."""
+    rates = [0.0, 0.1] if dropout else [None]
+    for rate in rates:
+        model_type, kw = MODELS[key]
+        config = AutoConfig.for_model(model_type, **kw, **({dropout: rate} if dropout else {}))
+        with init_empty_weights():
+            model = (AutoModelForSeq2SeqLM if model_type == "t5" else AutoModelForCausalLM).from_config(config)
+        inject_lora(model, PeftConfig(r=2))
+        prepare_recompute(model, "mlp")
+        spec = arch_spec(model)
+        out = {p.rsplit(".", 1)[-1] for p in spec.mlp_output}
+        ffn = {p.rsplit(".", 1)[-1] for p in spec.mlp_projections}
+        leaves = {n.rsplit(".", 1)[-1]: m.keep_output for n, m in adapted_linears(model).items()}
+        needed = key == "t5" or bool(rate)
+        expected = (ffn & set(leaves)) - (set() if needed else out)
+        assert {leaf for leaf, keep in leaves.items() if keep} & ffn == expected, (key, rate, leaves)
+
+
 @pytest.mark.parametrize("key", ["t5", "gpt_neox", "phi3"])
 def test_attention_recompute_keeps_the_families_own_attention_projections(key):
     model = _model(key)

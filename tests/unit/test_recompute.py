@@ -52,9 +52,8 @@ def test_the_frozen_embedding_output_never_requires_grad(tiny_base_dir, tmp_path
 
 def test_policies_mark_the_right_layers(tiny_base_dir, tmp_path):
     for recompute, expected in [("full", set()), ("attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
-                                ("mlp", {"gate_proj", "up_proj", "down_proj"}),
-                                ("matmuls", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"})]:
+                                ("mlp", {"gate_proj", "up_proj"}),  # down_proj's output: see below
+                                ("matmuls", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"})]:
         recipe = recipe_from_dict({"output_dir": str(tmp_path), "model": {"path": str(tiny_base_dir)},
                                    "data": {"path": "x.jsonl"}, "train": {"recompute": recompute}})
         model, _ = build_model(recipe, tiny_base_dir, torch.device("cpu"))
@@ -107,13 +106,16 @@ def _flops(fn) -> tuple[int, dict]:
     return counter.get_total_flops(), counter.get_flop_counts()
 
 
-def _step_flops(base_dir, tmp_path, checkpointing: bool):
-    """(model, FLOPs per module of its forward, FLOPs of its backward) for one step on the tiny Llama."""
+def _step_flops(base_dir, tmp_path, checkpointing: bool, recompute: str = "full", keep_down: bool = False):
+    """(model, FLOPs per module of its forward, FLOPs of its backward) for one step on the tiny Llama;
+    `keep_down` makes down_proj keep its output under a selective `recompute`."""
     recipe = recipe_from_dict({"output_dir": str(tmp_path), "model": {"path": str(base_dir), "dtype": "float32"},
                                "quant": {"method": "none"}, "data": {"path": "x.jsonl"},
-                               "train": {"gradient_checkpointing": checkpointing, "recompute": "full"}})
+                               "train": {"gradient_checkpointing": checkpointing, "recompute": recompute}})
     model, _ = build_model(recipe, base_dir, torch.device("cpu"))
     model.train()
+    for name, layer in lora_modules(model).items():
+        layer.keep_output = layer.keep_output or (keep_down and name.endswith("down_proj"))
     out = {}
     _, forward = _flops(lambda: out.setdefault("loss", causal_lm_loss_sum(model(input_ids=IDS).logits, IDS)))
     backward, _ = _flops(out["loss"].backward)
@@ -132,3 +134,14 @@ def test_the_recompute_stops_before_a_base_product_no_backward_needs(tiny_base_d
     down_base = sum(2 * IDS.numel() * m.in_features * m.out_features for m in down)
     recomputed = sum(sum(forward[k].values()) for k in layers) - down_base
     assert down_base > 0 and checkpointed - plain == recomputed
+
+
+@pytest.mark.parametrize("recompute", ["mlp", "matmuls"])
+def test_keeping_down_projs_output_would_save_no_flop(tiny_base_dir, tmp_path, recompute):
+    """Why the policy does not keep down_proj's output (a [tokens, hidden] tensor per layer): the
+    recompute stops before its base product either way, so backward costs the same FLOPs."""
+    model, _, policy = _step_flops(tiny_base_dir, tmp_path, True, recompute)
+    assert not any(m.keep_output for n, m in lora_modules(model).items() if n.endswith("down_proj"))
+    _, _, kept = _step_flops(tiny_base_dir, tmp_path, True, recompute, keep_down=True)
+    _, _, full = _step_flops(tiny_base_dir, tmp_path, True, "full")
+    assert policy == kept < full
