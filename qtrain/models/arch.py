@@ -26,6 +26,15 @@ def model_is_encoder_decoder(model: nn.Module) -> bool:
     return config_is_encoder_decoder(getattr(model, "config", None))
 
 
+def plain_lm_head(model: nn.Module) -> bool:
+    """The output head is a bias-free linear whose logits are neither scaled nor softcapped: what the
+    fused linear + cross-entropy (`qtrain_kernels.fused_ce`) can stand in for."""
+    head = model.get_output_embeddings()
+    cfg = model.config
+    scaled = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return isinstance(head, nn.Linear) and head.bias is None and not scaled
+
+
 def read_config(model_dir: str | Path, trust_remote_code: bool = False) -> Any:
     """The transformers config of a local model dir; ModelError naming `model.path` if unreadable."""
     from transformers import AutoConfig

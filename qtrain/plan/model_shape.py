@@ -68,6 +68,7 @@ class ModelShape:
     dense_params: int     # parameters stored in the model dtype: embeddings, norms, head, biases, unquantized linears
     dense_numels: tuple[int, ...]  # each of those parameters' size (optimizer rules are per tensor)
     buffer_bytes: int     # real buffers of the skeleton (rotary tables)
+    plain_head: bool = True  # a head the fused linear + cross-entropy can replace (models.arch.plain_lm_head)
 
     def layer_linears(self, layer: int = 0) -> tuple[Linear, ...]:
         return tuple(lin for lin in self.linears if lin.layer == layer)
@@ -158,6 +159,8 @@ def check_method(recipe: Recipe) -> None:
 
 def model_shape(recipe: Recipe) -> ModelShape:
     """Read the recipe's base model shape (config only) with the recipe's quantization and targets applied."""
+    from qtrain.models.arch import plain_lm_head
+
     check_method(recipe)
     config = transformers_config(recipe)
     model = _skeleton(config, recipe.model.trust_remote_code)
@@ -173,4 +176,5 @@ def model_shape(recipe: Recipe) -> ModelShape:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return ModelShape(config.model_type, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                       heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, config.vocab_size,
-                      linears, sum(p.numel() for p in params.values()), sum(dense_numels), dense_numels, buffers)
+                      linears, sum(p.numel() for p in params.values()), sum(dense_numels), dense_numels, buffers,
+                      plain_lm_head(model))

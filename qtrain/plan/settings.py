@@ -75,5 +75,5 @@ def settings_from_recipe(recipe: Recipe, target: Target, engine_flag: str | None
         blocksize=recipe.quant.blocksize, double_quant=recipe.quant.double_quant,
         micro_batch=t.micro_batch_size, max_len=recipe.data.max_len, grad_accum=t.grad_accum,
         packing=recipe.data.packing, checkpointing=t.gradient_checkpointing, recompute=t.recompute,
-        optimizer=t.optimizer, fused_ce=single and method_for(p).fused_loss,
+        optimizer=t.optimizer, fused_ce=single and method_for(p).fused_loss and shape.plain_head,
         fused_lora=triton, engine=engine, world=target.world, device=target.device)

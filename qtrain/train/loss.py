@@ -68,14 +68,6 @@ def batch_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torc
     return causal_lm_loss_sum(logits, batch["labels"])
 
 
-def fused_ce_supported(model: nn.Module) -> bool:
-    """The fused linear + cross-entropy replaces `logits = lm_head(hidden)` only for a plain head."""
-    head = model.get_output_embeddings()
-    cfg = model.config
-    scaled = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-    return isinstance(head, nn.Linear) and head.bias is None and not scaled
-
-
 def causal_lm_loss_sum_fused(model: nn.Module, batch: dict[str, torch.Tensor], backend: str) -> torch.Tensor:
     """Same value and gradients as `causal_lm_loss_sum(model(...).logits, labels)`, without ever
     materializing the [tokens x vocab] logits (chunked fused linear + cross-entropy)."""

@@ -18,7 +18,7 @@ from qtrain.distributed import collectives
 from qtrain.distributed.engine import Engine, create_engine
 from qtrain.distributed.env import DistEnv
 from qtrain.errors import ConfigError
-from qtrain.models.arch import is_encoder_decoder
+from qtrain.models.arch import is_encoder_decoder, plain_lm_head
 from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
 from qtrain.models.precision import Precision, resolve_precision, storage_dtype
@@ -28,7 +28,6 @@ from qtrain.peft.registry import method_for
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.quant.shard import RowShard
 from qtrain.train.host_memory import fix_mmap_threshold, threshold_for
-from qtrain.train.loss import fused_ce_supported
 from qtrain.train.optim import build_optimizer, build_scheduler
 from qtrain.train.packing_check import configure_batches
 from qtrain.train.scaler import LossScaler
@@ -74,7 +73,7 @@ def fused_ce_backend(recipe: Recipe, model: nn.Module, engine_owns_forward: bool
     [tokens x vocab] logits and their fp32 copies; it needs a plain lm_head, a decoder-only model, a
     method that allows it, and an engine that lets the loss call submodules directly (under
     DDP/DeepSpeed/FSDP the forward must go through their wrapper or hooks)."""
-    if engine_owns_forward or not fused_ce_supported(model):
+    if engine_owns_forward or not plain_lm_head(model):
         return None
     if getattr(model.config, "is_encoder_decoder", False):  # the fused loss is written for decoder-only LMs
         return None

@@ -139,3 +139,17 @@ def test_storage_tracker_counts_storages_once_and_frees_them():
     assert tracker.current == 80 and tracker.peak == 8000
     del c
     assert tracker.current == 0
+
+
+def test_the_fused_loss_is_planned_only_for_a_head_the_trainer_fuses(tmp_path):
+    """The plan counts the fused linear + cross-entropy where the trainer runs it (models.arch.plain_lm_head):
+    a softcapped head keeps the logits path in both."""
+    from qtrain.models.arch import plain_lm_head
+    from qtrain.plan.model_shape import _skeleton, transformers_config
+    from qtrain.plan.settings import settings_from_recipe
+    from qtrain.plan.target import Target
+
+    for over, fused in [([], True), (["model.from_config.final_logit_softcapping=30.0"], False)]:
+        recipe = load_recipe(QUICKSTART, [f"output_dir={tmp_path}", *over])
+        assert plain_lm_head(_skeleton(transformers_config(recipe), False)) is fused
+        assert settings_from_recipe(recipe, Target("cpu", 1)).fused_ce is fused, over
