@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qtrain.models.arch_spec import spec_for_type
-from qtrain.peft.recompute import keep_matmul_outputs, mark_kept_outputs
+from qtrain.peft.recompute import ATTENTION_PROJECTIONS, keep_matmul_outputs, keeps_output
 from qtrain.peft.targets import find_targets, resolve_targets
 from qtrain.quant.linear import NF4Linear, dense_weight_fn, kernel_kwargs
 
@@ -59,6 +59,13 @@ class AdaptedLinear(WrapsLinear):
         # Set by the trainer under selective recompute (qtrain.peft.recompute).
         self.keep_output = False
         self.adapter_enabled = True
+
+    @property
+    def base_product_saves_nothing(self) -> bool:
+        """Whether nothing this layer saves for backward comes after its base product x·Wᵀ (LoRA's
+        torch path: `qtrain_kernels.lora_linear.BaseProduct`), so a recompute that needs nothing
+        after the layer stops before that GEMM. Not so for one-Function layers (DoRA, (IA)³, BitFit)."""
+        return False
 
     @property
     def base_bias(self):
@@ -108,11 +115,10 @@ def prepare_recompute(model: nn.Module, recompute: str) -> None:
     """With gradient checkpointing on: every adapted layer keeps its recomputed W for its backward,
     and the policy's layers keep their outputs (the attention's projections and the outputs nothing
     needs again from the model's spec)."""
-    layers = adapted_linears(model)
-    for mod in layers.values():
-        mod.save_weight_for_backward = True
     spec = spec_for_type(getattr(model.config, "model_type", ""))
-    if spec is None:
-        mark_kept_outputs(layers, recompute)
-    else:
-        mark_kept_outputs(layers, recompute, spec.attention_leaves(), spec.unneeded_outputs(model.config))
+    attention = spec.attention_leaves() if spec else ATTENTION_PROJECTIONS
+    unneeded = spec.unneeded_outputs(model.config) if spec else ()
+    for name, mod in adapted_linears(model).items():
+        mod.save_weight_for_backward = True
+        skip = unneeded if mod.base_product_saves_nothing else ()
+        mod.keep_output = keeps_output(recompute, name.rsplit(".", 1)[-1], attention, skip)

@@ -53,6 +53,10 @@ class LoRALinear(AdaptedLinear):
         """The dispatch-point function this layer runs and its extra keyword arguments (DoRA: its sibling)."""
         return lora_linear, {}
 
+    @property
+    def base_product_saves_nothing(self) -> bool:
+        return self.function()[0] is lora_linear
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}"
 

@@ -10,19 +10,21 @@
   ops. Fastest; its memory grows with tokens x layers x (sum of projection widths), e.g.
   ~10 GB for a Llama-8B step of 4k tokens, so it is for small models or short sequences.
 
-The FFN's output projection (Llama's down_proj) keeps nothing in any mode where no dropout
-follows it (`ArchSpec.unneeded_outputs`): only the residual add that ends the layer reads its
-output, and that saves nothing, so torch's recompute stops before its base product once the
-tensors its backward needs (its low-rank term's) are back. Keeping it would cost a
-[tokens, hidden] tensor per layer (~32 MiB per layer for an 8B model at 4k tokens) for no FLOP;
-tests/unit/test_recompute.py counts the FLOPs both ways.
+A LoRA layer that is the FFN's output projection (Llama's down_proj) keeps nothing in any mode
+where no dropout follows it (`ArchSpec.unneeded_outputs`): only the residual add that ends the
+layer reads its output, and that saves nothing, so torch's recompute stops before its base
+product once the tensors its backward needs (its low-rank term's) are back. Keeping it would cost
+a [tokens, hidden] tensor per layer (~32 MiB per layer for an 8B model at 4k tokens) for no FLOP;
+tests/unit/test_recompute.py counts the FLOPs both ways. Layers that save something after their
+base product (DoRA, (IA)³, BitFit: `AdaptedLinear.base_product_saves_nothing`) still keep it.
 
 A kept linear keeps one [tokens, out_features] tensor, its base product's output (the low-rank
 branch is marked by `qtrain_kernels.lora_linear.low_rank_product` and recomputed).
 
 Measured on the CPU benchmark (hidden 1024 x 8 layers, 512 tokens): see benchmarks/results.
-Which linears keep their output is decided per module (`AdaptedLinear.keep_output`); the policy
-reads it through a context variable the module sets around its own matmuls.
+Which linears keep their output is decided per module (`AdaptedLinear.keep_output`, set by
+`qtrain.peft.layer.prepare_recompute`); the policy reads it through a context variable the module
+sets around its own matmuls.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import functools
 from typing import Iterator
 
 import torch
-from torch import nn
 
 from qtrain_kernels.lora_linear import in_low_rank_product
 
@@ -83,12 +84,3 @@ def keeps_output(recompute: str, leaf: str, attention: tuple[str, ...] = ATTENTI
     if recompute == "matmuls":
         return True
     return (recompute == "attention" and leaf in attention) or (recompute == "mlp" and leaf not in attention)
-
-
-def mark_kept_outputs(layers: dict[str, nn.Module], recompute: str,
-                      attention: tuple[str, ...] = ATTENTION_PROJECTIONS, unneeded: tuple[str, ...] = ()) -> None:
-    """Set `keep_output` on the adapted layers whose matmul outputs the policy keeps; `attention`
-    are the leaf names of the attention's projections (from the architecture spec: fused qkv and
-    T5's q/k/v/o included), `unneeded` as in `keeps_output`."""
-    for name, mod in layers.items():
-        mod.keep_output = keeps_output(recompute, name.rsplit(".", 1)[-1], attention, unneeded)

@@ -106,16 +106,18 @@ def _flops(fn) -> tuple[int, dict]:
     return counter.get_total_flops(), counter.get_flop_counts()
 
 
-def _step_flops(base_dir, tmp_path, checkpointing: bool, recompute: str = "full", keep_down: bool = False):
+def _step_flops(base_dir, tmp_path, checkpointing: bool, recompute: str = "full", keep_down=None,
+                method: str = "lora"):
     """(model, FLOPs per module of its forward, FLOPs of its backward) for one step on the tiny Llama;
-    `keep_down` makes down_proj keep its output under a selective `recompute`."""
+    `keep_down` (True/False) overrides whether down_proj keeps its output under a selective `recompute`."""
     recipe = recipe_from_dict({"output_dir": str(tmp_path), "model": {"path": str(base_dir), "dtype": "float32"},
-                               "quant": {"method": "none"}, "data": {"path": "x.jsonl"},
+                               "quant": {"method": "none"}, "data": {"path": "x.jsonl"}, "peft": {"method": method},
                                "train": {"gradient_checkpointing": checkpointing, "recompute": recompute}})
     model, _ = build_model(recipe, base_dir, torch.device("cpu"))
     model.train()
     for name, layer in lora_modules(model).items():
-        layer.keep_output = layer.keep_output or (keep_down and name.endswith("down_proj"))
+        if keep_down is not None and name.endswith("down_proj"):
+            layer.keep_output = keep_down
     out = {}
     _, forward = _flops(lambda: out.setdefault("loss", causal_lm_loss_sum(model(input_ids=IDS).logits, IDS)))
     backward, _ = _flops(out["loss"].backward)
@@ -138,10 +140,21 @@ def test_the_recompute_stops_before_a_base_product_no_backward_needs(tiny_base_d
 
 @pytest.mark.parametrize("recompute", ["mlp", "matmuls"])
 def test_keeping_down_projs_output_would_save_no_flop(tiny_base_dir, tmp_path, recompute):
-    """Why the policy does not keep down_proj's output (a [tokens, hidden] tensor per layer): the
+    """Why the policy does not keep a LoRA down_proj's output (a [tokens, hidden] tensor per layer): the
     recompute stops before its base product either way, so backward costs the same FLOPs."""
     model, _, policy = _step_flops(tiny_base_dir, tmp_path, True, recompute)
     assert not any(m.keep_output for n, m in lora_modules(model).items() if n.endswith("down_proj"))
     _, _, kept = _step_flops(tiny_base_dir, tmp_path, True, recompute, keep_down=True)
     _, _, full = _step_flops(tiny_base_dir, tmp_path, True, "full")
     assert policy == kept < full
+
+
+def test_a_dora_down_proj_keeps_its_output_because_its_recompute_needs_it(tiny_base_dir, tmp_path):
+    """DoRA's layer is one Function that saves tensors after its base product, so the recompute does
+    reach down_proj's GEMM: the policy keeps its output, and dropping it costs that GEMM again."""
+    model, _, policy = _step_flops(tiny_base_dir, tmp_path, True, "mlp", method="dora")
+    down = {n: m for n, m in lora_modules(model).items() if n.endswith("down_proj")}
+    assert down and all(m.keep_output for m in down.values())
+    _, _, dropped = _step_flops(tiny_base_dir, tmp_path, True, "mlp", keep_down=False, method="dora")
+    gemm = sum(2 * IDS.numel() * m.in_features * m.out_features for m in down.values())
+    assert dropped - policy == gemm
