@@ -17,6 +17,7 @@ from torch import nn
 
 from qtrain.data import DataBundle
 from qtrain.errors import ConfigError, ModelError
+from qtrain.models.arch import model_is_encoder_decoder
 from qtrain.peft.sequence import PACKED_REFUSAL, sequence_adapter
 
 
@@ -25,7 +26,7 @@ def flat_batches(padding_free: str | bool, model: nn.Module) -> bool:
 
     A model with a sequence adapter (prompt/prefix tuning) pads under `auto`: its virtual positions
     go before every row, which one flat row cannot hold (`true` is then a ConfigError)."""
-    if getattr(model.config, "is_encoder_decoder", False) or padding_free is False:
+    if model_is_encoder_decoder(model) or padding_free is False:
         return False
     if sequence_adapter(model) is not None:
         if padding_free is True:

@@ -18,7 +18,7 @@ from qtrain.distributed import collectives
 from qtrain.distributed.engine import Engine, create_engine
 from qtrain.distributed.env import DistEnv
 from qtrain.errors import ConfigError
-from qtrain.models.arch import is_encoder_decoder, plain_lm_head
+from qtrain.models.arch import is_encoder_decoder, model_is_encoder_decoder, plain_lm_head
 from qtrain.models.build import write_random_base
 from qtrain.models.load import load_model
 from qtrain.models.precision import Precision, resolve_precision, storage_dtype
@@ -75,7 +75,7 @@ def fused_ce_backend(recipe: Recipe, model: nn.Module, engine_owns_forward: bool
     DDP/DeepSpeed/FSDP the forward must go through their wrapper or hooks)."""
     if engine_owns_forward or not plain_lm_head(model):
         return None
-    if getattr(model.config, "is_encoder_decoder", False):  # the fused loss is written for decoder-only LMs
+    if model_is_encoder_decoder(model):  # the fused loss is written for decoder-only LMs
         return None
     if not method_for(recipe.peft).fused_loss:  # e.g. full fine-tuning's fp32 head, virtual tokens
         return None
