@@ -17,6 +17,11 @@ from torch import nn
 from qtrain.errors import ConfigError
 
 
+def _leaves(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The distinct leaf names of module paths, in order of first appearance."""
+    return tuple(dict.fromkeys(p.rsplit(".", 1)[-1] for p in paths))
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     family: str
@@ -46,7 +51,7 @@ class ArchSpec:
     bias_flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def attention_leaves(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(p.rsplit(".", 1)[-1] for p in self.attention_projections))
+        return _leaves(self.attention_projections)
 
     def unneeded_outputs(self, config=None) -> tuple[str, ...]:
         """Leaf names of linears whose output no backward and no recompute needs: the FFN's output
@@ -55,12 +60,11 @@ class ArchSpec:
         dropout = bool(keys) and (config is None or any(getattr(config, k, 0) for k in keys))
         if not self.ffn_output_last or dropout:
             return ()
-        return tuple(dict.fromkeys(p.rsplit(".", 1)[-1] for p in self.mlp_output))
+        return _leaves(self.mlp_output)
 
     def default_targets(self) -> list[str]:
         """LoRA's default: every attention and FFN projection (leaf names, PEFT's target_modules form)."""
-        leaves = [p.rsplit(".", 1)[-1] for p in self.attention_projections + self.mlp_projections]
-        return list(dict.fromkeys(leaves))
+        return list(_leaves(self.attention_projections + self.mlp_projections))
 
 
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
