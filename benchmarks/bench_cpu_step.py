@@ -152,11 +152,9 @@ def build_qtrain(args: argparse.Namespace, base: Path, tmp: str, checkpointing: 
     import torch
 
     from qtrain.config import recipe_from_dict
-    from qtrain.train.host_memory import fix_mmap_threshold
+    from qtrain.train.host_memory import choose_host_allocator, fix_mmap_threshold, release_cached_blocks
     from qtrain.train.loss import count_trained_tokens, loss_sum
     from qtrain.train.setup import build_model, fused_ce_backend
-
-    fix_mmap_threshold()  # as `qtrain train` does before loading (train/setup.prepare)
 
     recipe = recipe_from_dict({
         "output_dir": tmp, "seed": SEED, "model": {"path": str(base), "dtype": args.dtype},
@@ -165,7 +163,12 @@ def build_qtrain(args: argparse.Namespace, base: Path, tmp: str, checkpointing: 
         "data": {"path": str(h.REPO / "data" / "quickstart" / "train.jsonl")},
         "train": {"gradient_checkpointing": checkpointing, "recompute": mode, "lr": LR, "num_threads": args.threads},
     })
+    # As `qtrain train` does around loading (train/setup.prepare): glibc's mmap threshold, the host allocator
+    # train.host_allocator picks (auto: the caching one on a CPU), and loading's cached blocks given back.
+    fix_mmap_threshold()
+    choose_host_allocator(recipe.train.host_allocator, torch.device("cpu"))
     model, _ = build_model(recipe, base, torch.device("cpu"))
+    release_cached_blocks()
     model.train()
     dtype = getattr(torch, compute_dtype(args.dtype))
     fused = fused_ce_backend(recipe, model, engine_owns_forward=False)
@@ -235,7 +238,7 @@ def run_side(args: argparse.Namespace) -> dict:
 
 def run_paired(args: argparse.Namespace) -> dict:
     """The anchor and qtrain (`--mode`) in one process, stepping alternately (which goes first alternates too),
-    so a slow moment of a shared machine falls on both. qtrain's host-memory setting then applies to both."""
+    so a slow moment of a shared machine falls on both. qtrain's host-memory settings (glibc's mmap threshold, the caching allocator) then apply to both."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -336,10 +339,11 @@ def compare(args: argparse.Namespace) -> dict:
                    "compute_dtype": prep["dtype"], "model_dir": prep["model_dir"],
                    "gradient_checkpointing": "non-reentrant (anchor: full recompute; qtrain: per train.recompute)",
                    "model_flops_per_step": flops,
-                   "qtrain": "train.setup.build_model(recipe) after train.host_memory.fix_mmap_threshold() (as "
-                             "qtrain train); loss = train.loss.loss_sum (fused linear + cross-entropy, as "
-                             "train.setup.fused_ce_backend picks for this plain single-process run) / "
-                             "count_trained_tokens, forward with an all-ones attention_mask, as train/loop.py does"},
+                   "qtrain": "train.setup.build_model(recipe) after train.host_memory.fix_mmap_threshold() and "
+                             "choose_host_allocator (train.host_allocator: auto, the caching allocator on a CPU), "
+                             "loading's cached blocks released after (as qtrain train); loss = train.loss.loss_sum "
+                             "(fused linear + cross-entropy, as train.setup.fused_ce_backend picks for this plain "
+                             "single-process run) / count_trained_tokens, forward with an all-ones attention_mask, as train/loop.py does"},
         "gemm_peak": gemm,
         "anchor_config": anchor_config(args.rank, 2 * args.rank, prep["dtype"]),
         "sides": sides,

@@ -156,6 +156,11 @@ class TrainConfig:
     eval_every_steps: int = 0
     eval_batches: Optional[int] = None
     num_threads: Optional[int] = None
+    # Torch's allocator for CPU tensors. auto: qtrain's caching allocator (large blocks reused from
+    # step to step instead of fragmenting glibc's heap; kernels/qtrain_kernels/host_cache.cpp, built
+    # on first use with the system's C++ compiler) when the model computes on the CPU, else the
+    # system's; caching: always (an error where it cannot be built); system: never.
+    host_allocator: Literal["auto", "caching", "system"] = "auto"
 
 
 @dataclass

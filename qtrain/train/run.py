@@ -25,6 +25,7 @@ from qtrain.plan.planner import RunEstimate, run_estimate
 from qtrain.train.checkpointing import checkpoint_optimizer, checkpoint_size_mib, newest_checkpoint_text
 from qtrain.train.faults import FaultPlan
 from qtrain.train.guard import catch_preemption
+from qtrain.train.host_memory import host_cache_report
 from qtrain.train.loop import RunState, evaluate, run_loop
 from qtrain.train.metrics import median_step_s, param_counts, peak_memory_mib, truncate_metrics
 from qtrain.train.sinks import Sinks, open_sinks
@@ -71,9 +72,11 @@ def _header(s: Session, estimate: RunEstimate) -> str:
     r = s.recipe
     what = method_for(r.peft).describe(r.peft, s.target_names)
     scaling = " with dynamic loss scaling" if s.scaler.enabled else ""
+    host = f"host memory: {s.host_allocator.name} allocator ({s.host_allocator.reason})\n" if s.host_allocator else ""
     return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
             f"of {total:,} params ({100 * trainable / total:.3f}%)\n"
             f"precision: {s.precision.name} compute{scaling} ({s.precision.reason})\n"
+            f"{host}"
             f"{s.data.header(r.train.micro_batch_size, s.data.flat)}\n"
             f"{estimate.line}")
 
@@ -103,6 +106,7 @@ def build_summary(s: Session, state: RunState, estimate: RunEstimate) -> dict:
         "compute_dtype_reason": s.precision.reason,
         "autocast_dtype": None if s.autocast_dtype is None else str(s.autocast_dtype).replace("torch.", ""),
         "loss_scaling": s.scaler.enabled,
+        "host_allocator": host_cache_report(s.host_allocator) if s.host_allocator else None,
         "loss_scale_overflows": state.loss_scale_overflows,
         "global_batch_size": mb * ga * s.env.world_size,
         "world_size": s.env.world_size,

@@ -27,7 +27,8 @@ from qtrain.peft.recompute import checkpoint_kwargs
 from qtrain.peft.registry import method_for
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.quant.shard import RowShard
-from qtrain.train.host_memory import fix_mmap_threshold, threshold_for
+from qtrain.train.host_memory import (HostAllocator, choose_host_allocator, fix_mmap_threshold,
+                                      release_cached_blocks, threshold_for)
 from qtrain.train.optim import build_optimizer, build_scheduler
 from qtrain.train.packing_check import configure_batches
 from qtrain.train.scaler import LossScaler
@@ -58,6 +59,8 @@ class Session:
     engine: Engine | None = None
     # Backend of the fused linear + cross-entropy loss, or None for the logits path (see fused_ce_backend()).
     fused_ce_backend: str | None = None
+    # Torch's allocator for CPU tensors (train.host_allocator), and why.
+    host_allocator: HostAllocator | None = None
 
 
 def kernel_backend(recipe: Recipe) -> str:
@@ -145,6 +148,7 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     if recipe.train.deterministic:
         torch.use_deterministic_algorithms(True)
     device = env.device()
+    host_allocator = choose_host_allocator(recipe.train.host_allocator, device)
     precision = resolve_precision(recipe.model.dtype, device)
     autocast = autocast_dtype(recipe, precision)
     scaling = needs_loss_scaling(precision, autocast)
@@ -160,6 +164,7 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     torch.manual_seed(recipe.seed)  # LoRA A init
     shard = engine.row_shard()
     model, names = build_model(recipe, base_dir, device, precision, tokenizer, shard)
+    release_cached_blocks()  # loading's transients: a training step does not reuse them
     model.train()
     optimizer = engine.wrap(model, lambda params: build_optimizer(params, recipe.train, device))
     # A rank holding a share of the base runs the packed-attention probe through the engine (it gathers).
@@ -168,4 +173,4 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     scheduler = build_scheduler(optimizer, recipe.train)
     return Session(recipe, env, device, tokenizer, data, base_dir, model, names, optimizer, scheduler,
                    autocast, precision, LossScaler(scaling, device), engine.forward_model, engine,
-                   fused_ce_backend(recipe, model, engine.owns_forward))
+                   fused_ce_backend(recipe, model, engine.owns_forward), host_allocator)
