@@ -5,9 +5,11 @@
 // resident, and the next step's different interleaving leaves new ones: the process's RSS climbs to
 // several times the bytes live at once. This allocator keeps each large block (>= kMinBlock bytes)
 // out of glibc's heap: mapped on its own, page-rounded, and on free kept for the next request of
-// (nearly) the same size, best fit within 1/8 over. The free blocks it keeps are capped at the most
-// bytes ever live in its blocks at once; a block freed over that cap is unmapped, so what it holds is
-// at most twice its live high-water. Smaller requests go to the allocator it replaced.
+// (nearly) its size: best fit, serving requests down to 4/5 of a block. Two bounds keep what it holds
+// near what is live at most: a freed block that would take the cached bytes over the most bytes ever
+// live at once is unmapped, and before mapping a new block it unmaps the least recently freed cached
+// ones until what it maps stays within 1.25x that high-water. Smaller requests go to the allocator it
+// replaced.
 //
 // Installed with c10::SetCPUAllocator (torch's registration point for a CPU allocator); tensors
 // allocated before keep their own deleter. Thread-safe; a fork keeps the lock consistent.
@@ -19,7 +21,10 @@
 #include <sys/mman.h>
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
+#include <list>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -28,15 +33,23 @@ namespace {
 
 constexpr size_t kMinBlock = size_t(1) << 16;
 constexpr size_t kPage = 4096;
+constexpr size_t kSlack = 4;  // a cached block serves requests down to 1/(1 + 1/kSlack) of its size
 
 struct Stats {
   size_t live = 0, peak_live = 0, cached = 0, mapped = 0, peak_mapped = 0;
   uint64_t hits = 0, misses = 0, unmapped = 0;
 };
 
+struct FreeBlock {
+  void* p;
+  size_t size;
+};
+using FreeList = std::list<FreeBlock>;
+
 struct State {
   std::mutex mu;
-  std::multimap<size_t, void*> free_blocks;  // size -> block, for best fit
+  FreeList free_order;  // cached blocks, least recently freed first
+  std::multimap<size_t, FreeList::iterator> free_by_size;  // the same blocks, for best fit
   std::unordered_map<void*, size_t> size_of;  // every block mapped and not yet unmapped
   Stats stats;
 };
@@ -53,18 +66,37 @@ void* map_block(size_t size) {
   return p == MAP_FAILED ? nullptr : p;
 }
 
+void forget(State& s, void* p, size_t size) {
+  unmap(p, size);
+  s.size_of.erase(p);
+  s.stats.mapped -= size;
+  s.stats.unmapped += size;
+}
+
+// Take a cached block out of both indexes; the caller holds the lock.
+void uncache(State& s, std::multimap<size_t, FreeList::iterator>::iterator it) {
+  s.stats.cached -= it->first;
+  s.free_order.erase(it->second);
+  s.free_by_size.erase(it);
+}
+
+// Unmap the least recently freed cached block; the caller holds the lock.
+void evict_oldest(State& s) {
+  const FreeBlock oldest = s.free_order.front();
+  auto range = s.free_by_size.equal_range(oldest.size);
+  for (auto it = range.first; it != range.second; ++it) {
+    if (it->second == s.free_order.begin()) {
+      uncache(s, it);
+      break;
+    }
+  }
+  forget(s, oldest.p, oldest.size);
+}
+
 // Unmap every cached block; the caller holds the lock. Returns the bytes unmapped.
 size_t release_locked(State& s) {
-  size_t bytes = 0;
-  for (auto& [size, p] : s.free_blocks) {
-    unmap(p, size);
-    s.size_of.erase(p);
-    bytes += size;
-  }
-  s.free_blocks.clear();
-  s.stats.cached = 0;
-  s.stats.mapped -= bytes;
-  s.stats.unmapped += bytes;
+  const size_t bytes = s.stats.cached;
+  while (!s.free_order.empty()) evict_oldest(s);
   return bytes;
 }
 
@@ -72,13 +104,11 @@ size_t release_locked(State& s) {
 void free_locked(State& s, void* p, size_t size) {
   s.stats.live -= size;
   if (s.stats.cached + size > s.stats.peak_live) {
-    unmap(p, size);
-    s.size_of.erase(p);
-    s.stats.mapped -= size;
-    s.stats.unmapped += size;
+    forget(s, p, size);
     return;
   }
-  s.free_blocks.emplace(size, p);
+  s.free_order.push_back({p, size});
+  s.free_by_size.emplace(size, std::prev(s.free_order.end()));
   s.stats.cached += size;
 }
 
@@ -110,16 +140,19 @@ void free_any(void* p) {
 void* take_block(size_t size) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
-  auto it = s.free_blocks.lower_bound(size);
+  auto it = s.free_by_size.lower_bound(size);
   void* p = nullptr;
   size_t got = 0;
-  if (it != s.free_blocks.end() && it->first <= size + size / 8) {
-    p = it->second;
+  if (it != s.free_by_size.end() && it->first <= size + size / kSlack) {
+    p = it->second->p;
     got = it->first;
-    s.free_blocks.erase(it);
-    s.stats.cached -= got;
+    uncache(s, it);
     s.stats.hits++;
   } else {
+    // A new block: first unmap the least recently freed cached ones until what is mapped stays
+    // within 1.25x the live high-water (or what is live with this block, when that is higher).
+    const size_t target = std::max(s.stats.peak_live + s.stats.peak_live / 4, s.stats.live + size);
+    while (!s.free_order.empty() && s.stats.mapped + size > target) evict_oldest(s);
     p = map_block(size);
     if (p == nullptr && release_locked(s) > 0) p = map_block(size);
     if (p == nullptr) return nullptr;
