@@ -6,9 +6,11 @@ a step's large tensors, freed and allocated again in a slightly different order 
 holes in its heap that stay resident: on the CPU benchmark's step (hidden 1024 x 8 layers, 2 threads,
 `mlp` recompute) the heap spanned 550-660 MiB at its high-water mark with 60-130 MiB of torch's
 allocations live in it. The caching allocator maps each block of 64 KiB or more on its own and keeps
-it for the next request of its size, so a step reuses last step's blocks: peak RSS 941 MiB instead of
-1166-1219, the same or shorter step times (pages are not faulted in again). Measured on a 2-core AMD
-EPYC, AVX2 only; benchmarks/bench_cpu_step.py has the comparison with the anchor.
+it, freed, for the next request of (nearly) its size, so a step reuses the last one's blocks; what it
+holds stays within 1.25x its live high-water (host_cache.cpp says how). On that step: peak RSS
+941 MiB instead of 1166-1219 (mlp), the same or shorter step times, since pages are not faulted in
+again. Measured on a 2-core AMD EPYC, AVX2 only; benchmarks/bench_cpu_step.py has the comparison
+with the anchor.
 
 The rest of this module is glibc's mmap threshold, fixed once per process.
 

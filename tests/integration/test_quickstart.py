@@ -68,3 +68,17 @@ def test_running_the_finished_command_again_resumes_at_the_end(run_dir):
     assert "(step 40)" in proc.stdout and "done: 40 steps" in proc.stdout
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 40  # nothing retrained, nothing duplicated
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the caching host allocator is built on Linux")
+def test_a_cpu_run_serves_its_large_tensors_from_the_caching_allocator(run_dir):
+    """train.host_allocator: auto on a CPU run: the caching allocator ran, reused blocks far more often than
+    it mapped new ones, and never held more than 1.25x its live high-water (+ the block that set it)."""
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: auto falls back to the system allocator")
+    host = json.loads((run_dir / "summary.json").read_text())["host_allocator"]
+    assert host["name"] == "caching", host
+    assert host["hits"] > 10 * host["misses"] > 0, host
+    assert 0 < host["peak_mapped_mib"] <= 1.25 * host["peak_live_mib"] + 1, host
