@@ -84,12 +84,10 @@ void uncache(State& s, std::multimap<size_t, FreeList::iterator>::iterator it) {
 void evict_oldest(State& s) {
   const FreeBlock oldest = s.free_order.front();
   auto range = s.free_by_size.equal_range(oldest.size);
-  for (auto it = range.first; it != range.second; ++it) {
-    if (it->second == s.free_order.begin()) {
-      uncache(s, it);
-      break;
-    }
-  }
+  auto it = range.first;
+  while (it != range.second && it->second != s.free_order.begin()) ++it;
+  TORCH_INTERNAL_ASSERT(it != range.second, "qtrain host cache: a cached block is missing from its size index");
+  uncache(s, it);
   forget(s, oldest.p, oldest.size);
 }
 
