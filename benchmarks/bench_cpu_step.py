@@ -152,7 +152,7 @@ def build_qtrain(args: argparse.Namespace, base: Path, tmp: str, checkpointing: 
     import torch
 
     from qtrain.config import recipe_from_dict
-    from qtrain.train.host_memory import choose_host_allocator, fix_mmap_threshold, release_cached_blocks
+    from qtrain.train.host_memory import choose_host_allocator, fix_mmap_threshold
     from qtrain.train.loss import count_trained_tokens, loss_sum
     from qtrain.train.setup import build_model, fused_ce_backend
 
@@ -163,12 +163,11 @@ def build_qtrain(args: argparse.Namespace, base: Path, tmp: str, checkpointing: 
         "data": {"path": str(h.REPO / "data" / "quickstart" / "train.jsonl")},
         "train": {"gradient_checkpointing": checkpointing, "recompute": mode, "lr": LR, "num_threads": args.threads},
     })
-    # As `qtrain train` does around loading (train/setup.prepare): glibc's mmap threshold, the host allocator
-    # train.host_allocator picks (auto: the caching one on a CPU), and loading's cached blocks given back.
+    # As `qtrain train` does before loading (train/setup.prepare): glibc's mmap threshold and the host allocator
+    # train.host_allocator picks (auto: the caching one on a CPU; build_model gives loading's blocks back).
     fix_mmap_threshold()
     choose_host_allocator(recipe.train.host_allocator, torch.device("cpu"))
     model, _ = build_model(recipe, base, torch.device("cpu"))
-    release_cached_blocks()
     model.train()
     dtype = getattr(torch, compute_dtype(args.dtype))
     fused = fused_ce_backend(recipe, model, engine_owns_forward=False)

@@ -20,8 +20,8 @@
 #include <pthread.h>
 #include <sys/mman.h>
 
-#include <cstddef>
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <iterator>
 #include <list>
@@ -59,15 +59,13 @@ State& state() {
   return *s;
 }
 
-void unmap(void* p, size_t size) { munmap(p, size); }
-
 void* map_block(size_t size) {
   void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   return p == MAP_FAILED ? nullptr : p;
 }
 
 void forget(State& s, void* p, size_t size) {
-  unmap(p, size);
+  munmap(p, size);
   s.size_of.erase(p);
   s.stats.mapped -= size;
   s.stats.unmapped += size;
@@ -110,18 +108,11 @@ void free_locked(State& s, void* p, size_t size) {
   s.stats.cached += size;
 }
 
-// The deleter of the DataPtrs this allocator hands out.
-void free_block(void* p) {
-  State& s = state();
-  std::lock_guard<std::mutex> lock(s.mu);
-  free_locked(s, p, s.size_of.at(p));
-}
-
 at::DeleterFnPtr previous_raw_deleter = nullptr;
 
-// The allocator's raw deleter (Allocator::raw_deallocate; oneDNN's scratch memory comes and goes
-// through raw_allocate/raw_deallocate): a pointer may be one of this allocator's blocks or a small
-// allocation the previous allocator served.
+// The one deleter: of the DataPtrs this allocator hands out, and its raw deleter
+// (Allocator::raw_deallocate; oneDNN's scratch memory comes and goes through raw_allocate /
+// raw_deallocate), where a pointer may also be a small allocation the previous allocator served.
 void free_any(void* p) {
   {
     State& s = state();
@@ -172,7 +163,7 @@ struct CachingHostAllocator final : at::Allocator {
     if (n < kMinBlock) return previous->allocate(n);
     void* p = take_block((n + kPage - 1) & ~(kPage - 1));
     TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "qtrain host cache: cannot map ", n, " bytes");
-    return {p, p, &free_block, at::Device(at::DeviceType::CPU)};
+    return {p, p, &free_any, at::Device(at::DeviceType::CPU)};
   }
 
   at::DeleterFnPtr raw_deleter() const override { return &free_any; }

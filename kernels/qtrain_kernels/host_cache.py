@@ -15,13 +15,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 SOURCE = Path(__file__).with_name("host_cache.cpp")
 PRIORITY = 1  # above torch's own default CPU allocator (0)
-_STATS = ("live", "peak_live", "cached", "mapped", "peak_mapped", "hits", "misses", "unmapped")
 
 
 class HostCacheUnavailable(RuntimeError):
@@ -30,6 +29,8 @@ class HostCacheUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class HostCacheStats:
+    """qtrain_host_cache_stats' figures, in its order."""
+
     live: int  # bytes in blocks handed out now
     peak_live: int  # the most bytes ever handed out at once (the cap on what stays cached)
     cached: int  # bytes in free blocks kept for reuse
@@ -145,7 +146,7 @@ def release() -> int:
 
 
 def stats() -> HostCacheStats:
-    out = (ctypes.c_uint64 * len(_STATS))()
+    out = (ctypes.c_uint64 * len(fields(HostCacheStats)))()
     if _lib is not None:
         _lib.qtrain_host_cache_stats(out)
     return HostCacheStats(*(int(v) for v in out))

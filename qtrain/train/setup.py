@@ -135,6 +135,7 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device, precision:
         # and, under ZeRO-3, a gather of the whole embedding matrix in every backward.
         model.disable_input_require_grads()
         method.enable_checkpointing(model, recipe.train.recompute)
+    release_cached_blocks()  # loading's transients (with the caching host allocator): a step does not reuse them
     return model, names
 
 
@@ -164,7 +165,6 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     torch.manual_seed(recipe.seed)  # LoRA A init
     shard = engine.row_shard()
     model, names = build_model(recipe, base_dir, device, precision, tokenizer, shard)
-    release_cached_blocks()  # loading's transients: a training step does not reuse them
     model.train()
     optimizer = engine.wrap(model, lambda params: build_optimizer(params, recipe.train, device))
     # A rank holding a share of the base runs the packed-attention probe through the engine (it gathers).
