@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["qtrain", "qtrain.*"]) + ["qtrain_kernels", "qtrain_kernels.triton"],
     package_dir={"qtrain_kernels": "kernels/qtrain_kernels", "qtrain_kernels.triton": "kernels/qtrain_kernels/triton"},
-    package_data={"qtrain_kernels": ["host_cache.cpp"]},  # compiled on first use (qtrain_kernels/host_cache.py)
+    package_data={"qtrain_kernels": ["host_cache.cpp", "nf4_cpu.cpp"]},  # compiled on first use (qtrain_kernels/native.py)
     install_requires=[
         # CPU-only machines: `pip install torch==2.13.0` first (a bare `torch` pulls CUDA wheels).
         "torch>=2.4",

@@ -2,7 +2,9 @@
 
 Backends (what `resolve` returns for the recipe's `kernels: auto|triton|torch`):
 - "reference": pure torch (`nf4_reference`), runs anywhere, the oracle for every kernel;
-- "bnb": bitsandbytes' own dequantize op (native C on CPU, CUDA kernel on GPU);
+- "bnb": on CPU tensors qtrain's own C++ kernel (`nf4_cpu`: both quantization levels in one
+  multithreaded AVX2 pass), bitsandbytes' dequantize op where that kernel does not apply or cannot
+  be built; bitsandbytes' CUDA kernel on GPU;
 - "triton": the fused kernels in `qtrain_kernels.triton` (CUDA, or the Triton interpreter on CPU
   when TRITON_INTERPRET=1, which is how the CPU test suite runs them).
 
@@ -151,7 +153,14 @@ def dequantize_absmax(codes: torch.Tensor, absmax2: torch.Tensor, offset: torch.
 
 
 def dequantize_buffers(nf4: NF4Buffers, dtype: torch.dtype, backend: str = "bnb") -> torch.Tensor:
-    """The dense weight of `nf4` in `dtype`; on the triton backend one kernel decodes both levels."""
+    """The dense weight of `nf4` in `dtype`; on the triton backend, and on the bnb backend for CPU
+    tensors, one kernel decodes both levels."""
+    if backend in ("bnb", "triton") and nf4.packed.device.type == "cpu" and not use_triton(backend, nf4.packed):
+        from qtrain_kernels import nf4_cpu
+
+        w = nf4_cpu.dequantize(nf4.packed, nf4.absmax, nf4.shape, dtype, nf4.blocksize, nf4.absmax2, nf4.offset)
+        if w is not None:
+            return w
     if use_triton(backend, nf4.packed):
         from qtrain_kernels.triton import nf4_dequant
 

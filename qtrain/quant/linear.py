@@ -32,10 +32,7 @@ class NF4Linear(nn.Module):
 
     def nf4_buffers(self) -> Optional[NF4Buffers]:
         """The packed buffers, for the fused kernels (only the triton backend reads them)."""
-        if self.backend != "triton":
-            return None
-        w = self.nf4
-        return NF4Buffers(w.packed, w.absmax, w.shape, w.spec.blocksize, w.absmax2, w.offset)
+        return self.nf4.kernel_buffers() if self.backend == "triton" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lora_linear(x, self.dense_weight, self.bias, **kernel_kwargs(self))

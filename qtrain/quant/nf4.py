@@ -16,7 +16,7 @@ import torch
 
 from qtrain.quant.shard import RowShard, mark_full_shape
 from qtrain_kernels import nf4_reference as ref
-from qtrain_kernels.dispatch import dequantize_absmax, dequantize_nf4
+from qtrain_kernels.dispatch import NF4Buffers, dequantize_absmax, dequantize_buffers
 
 
 @dataclass
@@ -173,10 +173,13 @@ class NF4Weight(torch.nn.Module):
             return self.absmax
         return dequantize_absmax(self.absmax, self.absmax2, self.offset, backend=backend)
 
+    def kernel_buffers(self) -> NF4Buffers:
+        """The packed bytes and quantization state as the kernels read them."""
+        return NF4Buffers(self.packed, self.absmax, self.shape, self.spec.blocksize, self.absmax2, self.offset)
+
     def dequantize(self, backend: str = "bnb") -> torch.Tensor:
         """The dense weight in the dtype it was quantized from."""
-        return dequantize_nf4(self.packed, self.float_absmax(backend), self.shape, self.dtype, self.spec.blocksize,
-                              backend=backend)
+        return dequantize_buffers(self.kernel_buffers(), self.dtype, backend=backend)
 
     def nbytes(self) -> int:
         """Bytes held (padding included): whole on one rank, this rank's rows when sharded."""
