@@ -133,6 +133,10 @@ extern "C" int qtrain_nf4_dequantize(const uint8_t* packed, const float* absmax,
   const int64_t tasks = (n_blocks + per_task - 1) / per_task;
   int threads = num_threads < 1 ? 1 : num_threads;
   if (tasks < threads) threads = static_cast<int>(tasks < 1 ? 1 : tasks);
+  if (threads == 1) {  // no parallel region at all: also what a forked child (one torch thread) runs
+    run_blocks(a, 0, n_blocks, avx2);
+    return 0;
+  }
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < tasks; ++t) {
     int64_t b0 = t * per_task, b1 = b0 + per_task < n_blocks ? b0 + per_task : n_blocks;
