@@ -155,12 +155,6 @@ def dequantize_absmax(codes: torch.Tensor, absmax2: torch.Tensor, offset: torch.
 def dequantize_buffers(nf4: NF4Buffers, dtype: torch.dtype, backend: str = "bnb") -> torch.Tensor:
     """The dense weight of `nf4` in `dtype`; on the triton backend, and on the bnb backend for CPU
     tensors, one kernel decodes both levels."""
-    if backend in ("bnb", "triton") and nf4.packed.device.type == "cpu" and not use_triton(backend, nf4.packed):
-        from qtrain_kernels import nf4_cpu
-
-        w = nf4_cpu.dequantize(nf4.packed, nf4.absmax, nf4.shape, dtype, nf4.blocksize, nf4.absmax2, nf4.offset)
-        if w is not None:
-            return w
     if use_triton(backend, nf4.packed):
         from qtrain_kernels.triton import nf4_dequant
 
@@ -168,6 +162,12 @@ def dequantize_buffers(nf4: NF4Buffers, dtype: torch.dtype, backend: str = "bnb"
             return nf4_dequant.dequantize_nf4_double_quant(nf4.packed, nf4.absmax, nf4.absmax2, nf4.offset,
                                                            nf4.shape, dtype, nf4.blocksize)
         return nf4_dequant.dequantize_nf4(nf4.packed, nf4.absmax, nf4.shape, dtype, nf4.blocksize)
+    if backend in ("bnb", "triton") and nf4.packed.device.type == "cpu":
+        from qtrain_kernels import nf4_cpu
+
+        w = nf4_cpu.dequantize(nf4.packed, nf4.absmax, nf4.shape, dtype, nf4.blocksize, nf4.absmax2, nf4.offset)
+        if w is not None:
+            return w
     absmax = nf4.absmax
     if nf4.double_quant:
         absmax = dequantize_absmax(nf4.absmax, nf4.absmax2, nf4.offset, backend=backend)

@@ -16,7 +16,6 @@
 // odd; block b holds values [b·blocksize, (b+1)·blocksize); absmax2 has one entry per 256 blocks.
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <cstdint>
 #include <cstring>

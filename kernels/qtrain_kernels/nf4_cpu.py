@@ -71,19 +71,17 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...
     if packed.numel() < (numel + 1) // 2 or absmax.numel() < -(-numel // blocksize):
         raise ValueError(f"NF4 buffers too small for shape {tuple(shape)}: {packed.numel()} bytes, "
                          f"{absmax.numel()} blocks")
-    packed, absmax = packed.contiguous(), absmax.contiguous()
     levels, code_map = _tables()
-    out = torch.empty(shape, dtype=dtype)
     if absmax2 is None:
         if absmax.dtype != torch.float32:
             return None
-        args = (absmax, None, None, None, 0.0)
+        a_f32, codes, a2, cmap, off = absmax.contiguous(), None, None, None, 0.0
     else:
-        absmax2 = absmax2.contiguous()
         if absmax.dtype != torch.uint8 or absmax2.dtype != torch.float32:
             return None
-        args = (None, absmax, absmax2, code_map, float(offset))
-    a_f32, codes, a2, cmap, off = args
+        a_f32, codes, a2, cmap, off = None, absmax.contiguous(), absmax2.contiguous(), code_map, float(offset)
+    packed = packed.contiguous()
+    out = torch.empty(shape, dtype=dtype)
     done = lib.qtrain_nf4_dequantize(_ptr(packed), _ptr(a_f32), _ptr(codes), _ptr(a2), _ptr(cmap), off,
                                      _ptr(levels), numel, blocksize, int(dtype == torch.bfloat16), _ptr(out),
                                      torch.get_num_threads(), int(simd))
