@@ -3,14 +3,16 @@
     python -m benchmarks.bench_cpu_step [--hidden 1024 --layers 8 --seq 256 --batch 2 --rank 16 --steps 8
                                          --warmup 2 --rounds 1 --threads N --dtype auto --checkpointing both
                                          --paired-steps 0
-                                         --recompute full,mlp,attention,matmuls --out benchmarks/results/cpu.json]
+                                         --recompute auto,full,mlp,attention,matmuls --out benchmarks/results/cpu.json]
 
 Both sides train the same random-init Llama (written once, bf16 safetensors, to a cache dir) on the
 same random packed batch: forward + mean next-token CE, backward, torch AdamW (lr 1e-4), zero_grad;
 NF4 double-quant base, LoRA r/2r on all 7 projections. `--dtype auto` computes in what qtrain's
 `model.dtype: auto` picks on this CPU (fp32 without AVX-512 BF16/AMX, else bf16 autocast), on both
 sides. `--checkpointing` measures with non-reentrant gradient checkpointing (the anchor recomputes
-whole layers, qtrain once per `--recompute` mode), without it, or both.
+whole layers, qtrain once per `--recompute` mode), without it, or both. `auto` is resolved as `qtrain train`
+resolves it (qtrain/plan/recompute_choice.py, from this machine's free memory); the side records the mode
+it took and why.
 
 With `--paired-steps N` each qtrain variant is also timed against the anchor inside one process,
 their steps alternating N times: on a shared VM whose speed drifts by ±10% over a minute, the
@@ -39,7 +41,7 @@ TOKENIZER = h.REPO / "data" / "quickstart" / "tokenizer"
 VOCAB = 8192
 SEED = 0
 LR = 1e-4
-MODES = ("full", "mlp", "attention", "matmuls")
+MODES = ("auto", "full", "mlp", "attention", "matmuls")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,6 +154,8 @@ def build_qtrain(args: argparse.Namespace, base: Path, tmp: str, checkpointing: 
     import torch
 
     from qtrain.config import recipe_from_dict
+    from qtrain.plan.planner import resolve_recompute
+    from qtrain.plan.target import available_memory
     from qtrain.train.host_memory import choose_host_allocator, fix_mmap_threshold
     from qtrain.train.loss import count_trained_tokens, loss_sum
     from qtrain.train.setup import build_model, fused_ce_backend
@@ -160,14 +164,18 @@ def build_qtrain(args: argparse.Namespace, base: Path, tmp: str, checkpointing: 
         "output_dir": tmp, "seed": SEED, "model": {"path": str(base), "dtype": args.dtype},
         "quant": {"method": "nf4", "double_quant": True},
         "peft": {"r": args.rank, "alpha": 2.0 * args.rank, "dropout": 0.0},
-        "data": {"path": str(h.REPO / "data" / "quickstart" / "train.jsonl")},
-        "train": {"gradient_checkpointing": checkpointing, "recompute": mode, "lr": LR, "num_threads": args.threads},
+        # the step's shape, which `train.recompute: auto` plans with
+        "data": {"path": str(h.REPO / "data" / "quickstart" / "train.jsonl"), "max_len": args.seq},
+        "train": {"gradient_checkpointing": checkpointing, "recompute": mode, "lr": LR, "num_threads": args.threads,
+                  "micro_batch_size": args.batch},
     })
     # As `qtrain train` does before loading (train/setup.prepare): glibc's mmap threshold and the host allocator
     # train.host_allocator picks (auto: the caching one on a CPU; build_model gives loading's blocks back).
     fix_mmap_threshold()
     choose_host_allocator(recipe.train.host_allocator, torch.device("cpu"))
-    model, _ = build_model(recipe, base, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    recompute = resolve_recompute(recipe, base, "cpu", available_memory(cpu))  # `auto` as `qtrain train` resolves it
+    model, _ = build_model(recipe, base, cpu, recompute=recompute.mode)
     model.train()
     dtype = getattr(torch, compute_dtype(args.dtype))
     fused = fused_ce_backend(recipe, model, engine_owns_forward=False)
@@ -179,7 +187,7 @@ def build_qtrain(args: argparse.Namespace, base: Path, tmp: str, checkpointing: 
         batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
         return loss_sum(model, batch, fused, amp) / max(1, count_trained_tokens(input_ids))
 
-    return model, loss_fn
+    return model, loss_fn, {"recompute": recompute.mode, "recompute_reason": recompute.reason}
 
 
 def stepper(model, loss_fn, input_ids):
@@ -212,7 +220,7 @@ def time_steps(model, loss_fn, input_ids, warmup: int, steps: int) -> tuple[list
 
 
 def build_side(args: argparse.Namespace, side: str, mode: str, tmp: str):
-    """(model, loss_fn) of one side: "hf" or "qtrain", `mode` = off | a recompute mode."""
+    """(model, loss_fn, what the side resolved) of one side: "hf" or "qtrain", `mode` = off | a recompute mode."""
     import torch
 
     checkpointing = mode != "off"
@@ -220,7 +228,8 @@ def build_side(args: argparse.Namespace, side: str, mode: str, tmp: str):
     if side == "hf":
         from benchmarks._anchor import build_anchor
 
-        return build_anchor(model_dir(args), args.rank, 2.0 * args.rank, compute_dtype(args.dtype), checkpointing)
+        return (*build_anchor(model_dir(args), args.rank, 2.0 * args.rank, compute_dtype(args.dtype), checkpointing),
+                {})
     return build_qtrain(args, model_dir(args), tmp, checkpointing, mode if checkpointing else "full")
 
 
@@ -231,8 +240,8 @@ def run_side(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model, loss_fn = build_side(args, args.side, args.mode, tmp)
-    return measure(model, loss_fn, args, time.perf_counter() - t0)
+        model, loss_fn, resolved = build_side(args, args.side, args.mode, tmp)
+    return {**measure(model, loss_fn, args, time.perf_counter() - t0), **resolved}
 
 
 def run_paired(args: argparse.Namespace) -> dict:
@@ -245,7 +254,7 @@ def run_paired(args: argparse.Namespace) -> dict:
     anchor_mode = "off" if args.mode == "off" else "full"
     with tempfile.TemporaryDirectory() as tmp:
         sides = {"qtrain": build_side(args, "qtrain", args.mode, tmp), "hf": build_side(args, "hf", anchor_mode, tmp)}
-    steppers = {name: stepper(model, loss_fn, input_ids) for name, (model, loss_fn) in sides.items()}
+    steppers = {name: stepper(model, loss_fn, input_ids) for name, (model, loss_fn, _) in sides.items()}
     for _ in range(args.warmup):
         for step in steppers.values():
             step()
@@ -284,7 +293,7 @@ def measure(model, loss_fn, args: argparse.Namespace, load_s: float) -> dict:
 
 ARGS = ("hidden", "layers", "seq", "batch", "rank", "steps", "warmup", "threads", "dtype", "cache", "paired_steps")
 PEAKS = ("peak_rss_mib", "peak_rss_load_mib", "rss_after_load_mib", "peak_rss_train_mib")
-LAST = ("first_loss", "final_loss", "trainable_params", "threads")
+LAST = ("first_loss", "final_loss", "trainable_params", "threads", "recompute", "recompute_reason")
 
 
 def variants(args: argparse.Namespace) -> list[tuple[str, str, str]]:

@@ -142,8 +142,9 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "paged_adamw_8bit"
     grad_clip: Optional[float] = 1.0
     gradient_checkpointing: bool = True
-    # With checkpointing: what backward recomputes (see qtrain/peft/recompute.py).
-    recompute: Literal["full", "mlp", "attention", "matmuls"] = "full"
+    # With checkpointing: what backward recomputes (see qtrain/peft/recompute.py). auto: the fastest
+    # mode whose planned extra memory fits in half of what `full` leaves free (qtrain/plan/recompute_choice.py).
+    recompute: Literal["auto", "full", "mlp", "attention", "matmuls"] = "auto"
     # Autocast around forward/backward. auto: in the compute dtype when it is 16-bit (bf16, or fp16 with
     # loss scaling), none for fp32; on: also bf16 autocast over fp32 weights; off: never.
     autocast: Literal["auto", "on", "off"] = "auto"

@@ -46,6 +46,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest `value` over ranks, on every rank (e.g. the free memory every rank can count on)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any rank (preemption, non-finite values)."""
     if not active():

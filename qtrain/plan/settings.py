@@ -30,7 +30,7 @@ class Settings:
     grad_accum: int
     packing: bool
     checkpointing: bool
-    recompute: str           # full | mlp | attention | matmuls
+    recompute: str           # full | mlp | attention | matmuls (auto before plan_recipe resolves it)
     optimizer: str
     fused_ce: bool           # chunked linear + cross-entropy instead of the logits tensor
     fused_lora: bool         # Triton LoRA kernels: the NF4 weight is never dequantized whole

@@ -73,3 +73,28 @@ def machine_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def available_memory(device, local_world: int = 1) -> int | None:
+    """Bytes free for one process on `device` (a torch.device) now: the GPU's free memory, or this
+    machine's available memory (/proc/meminfo's MemAvailable, else its physical memory) shared by
+    the node's `local_world` processes; None if unknown."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    total = _meminfo_available() or machine_memory()
+    return None if total is None else total // max(1, local_world)
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -94,7 +94,8 @@ def measure_training_peak(recipe, env, steps: int = 2) -> dict:
     Returns this rank's tracked bytes: `setup_bytes` held once the session is built (model,
     adapter, engine buffers; the optimizer state appears at the first step) and `peak_bytes`
     during the steps (two by default: the second runs with the optimizer state allocated, as
-    every later step does); on CUDA also the allocator's counters over the same steps.
+    every later step does); on CUDA also the allocator's counters over the same steps; and the
+    recompute mode the session resolved (`train.recompute: auto`), which a plan must be given.
     """
     from qtrain.train.loop import train_step
     from qtrain.train.setup import prepare
@@ -113,6 +114,7 @@ def measure_training_peak(recipe, env, steps: int = 2) -> dict:
             train_step(s, [next(stream) for _ in range(t.grad_accum)])
     return {"rank": env.rank, "world_size": env.world_size, "device": str(s.device), "steps": steps,
             "setup_bytes": setup_bytes, "peak_bytes": tracker.peak, "peak_rss_bytes": _peak_rss(),
+            "recompute": s.recompute.mode if s.recompute else None,
             **_device_counters(s.device)}
 
 

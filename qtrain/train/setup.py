@@ -25,6 +25,9 @@ from qtrain.models.precision import Precision, resolve_precision, storage_dtype
 from qtrain.models.tokenizer import load_tokenizer
 from qtrain.peft.recompute import checkpoint_kwargs
 from qtrain.peft.registry import method_for
+from qtrain.plan.planner import check_recompute, resolve_recompute
+from qtrain.plan.recompute_choice import RecomputeChoice
+from qtrain.plan.target import available_memory
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.quant.shard import RowShard
 from qtrain.train.host_memory import (HostAllocator, choose_host_allocator, fix_mmap_threshold,
@@ -61,6 +64,8 @@ class Session:
     fused_ce_backend: str | None = None
     # Torch's allocator for CPU tensors (train.host_allocator), and why.
     host_allocator: HostAllocator | None = None
+    # What gradient checkpointing recomputes (train.recompute, `auto` resolved), and why.
+    recompute: RecomputeChoice | None = None
 
 
 def kernel_backend(recipe: Recipe) -> str:
@@ -100,6 +105,16 @@ def needs_loss_scaling(precision: Precision, autocast: torch.dtype | None) -> bo
     return torch.float16 in (precision.dtype, autocast)
 
 
+def free_for_recompute(recipe: Recipe, device: torch.device, env: DistEnv) -> int | None:
+    """The free memory `train.recompute: auto` plans with: the least any rank has now, so that every
+    rank picks the same mode (None where auto is not asked for, or a rank cannot tell)."""
+    if not (recipe.train.gradient_checkpointing and recipe.train.recompute == "auto"):
+        return None
+    free = available_memory(device, env.local_world_size)
+    free = collectives.min_over_ranks(-1 if free is None else free, device)
+    return None if free < 0 else free
+
+
 def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Path:
     m = recipe.model
     if m.path is not None:
@@ -112,15 +127,19 @@ def resolve_base_dir(recipe: Recipe, tokenizer, env: DistEnv = DistEnv()) -> Pat
 
 
 def build_model(recipe: Recipe, base_dir: Path, device: torch.device, precision: Precision | None = None,
-                tokenizer=None, shard: RowShard = RowShard()) -> tuple[nn.Module, list[str]]:
+                tokenizer=None, shard: RowShard = RowShard(), recompute: str | None = None
+                ) -> tuple[nn.Module, list[str]]:
     """The streamed (4-bit) base with the recipe's method attached; only the method's parameters
     require grad. Returns the model and the names of the modules the method adapted. Under an
     engine that shards the base, each rank loads only its rows (`shard`); the adapter is created whole.
 
     The base loads in the compute dtype `model.dtype` resolves to on `device` unless the method
     needs otherwise (full fine-tuning: fp32 master weights, unquantized; compute still runs under
-    the recipe's autocast)."""
+    the recipe's autocast). With gradient checkpointing, `recompute` is the mode (None: the recipe's,
+    `auto` resolved here for one process, before loading, as `prepare` does)."""
     method = method_for(recipe.peft)
+    if recipe.train.gradient_checkpointing:
+        recompute = recompute or resolve_recompute(recipe, base_dir, device.type, available_memory(device)).mode
     precision = precision or resolve_precision(recipe.model.dtype, device)
     opts = method.load_options(recipe.peft, precision.dtype, recipe.quant.method == "nf4")
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if opts.quantize else None
@@ -129,12 +148,12 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device, precision:
     names = method.inject(model, recipe.peft, tokenizer)
     model.config.use_cache = False
     if recipe.train.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(recipe.train.recompute))
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs(recompute))
         # transformers also makes the token embeddings' output require grad, which only reentrant
         # checkpointing needs: with a frozen embedding it costs the first layer's input-gradient GEMMs
         # and, under ZeRO-3, a gather of the whole embedding matrix in every backward.
         model.disable_input_require_grads()
-        method.enable_checkpointing(model, recipe.train.recompute)
+        method.enable_checkpointing(model, recompute)
     release_cached_blocks()  # loading's transients (with the caching host allocator): a step does not reuse them
     return model, names
 
@@ -143,6 +162,7 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     kernel_backend(recipe)  # refuse an impossible kernels= before any work
     check_loggers(recipe.logging)
     engine = create_engine(recipe, env)  # likewise an impossible engine setting
+    check_recompute(recipe, env.world_size)  # and a recompute mode that engine cannot run
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     fix_mmap_threshold(threshold_for(engine.gathers_parameters))  # large frees go back to the system
@@ -164,7 +184,9 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     base_dir = resolve_base_dir(recipe, tokenizer, env)
     torch.manual_seed(recipe.seed)  # LoRA A init
     shard = engine.row_shard()
-    model, names = build_model(recipe, base_dir, device, precision, tokenizer, shard)
+    free = free_for_recompute(recipe, device, env)
+    recompute = resolve_recompute(recipe, base_dir, device.type, free, env.world_size)
+    model, names = build_model(recipe, base_dir, device, precision, tokenizer, shard, recompute.mode)
     model.train()
     optimizer = engine.wrap(model, lambda params: build_optimizer(params, recipe.train, device))
     # A rank holding a share of the base runs the packed-attention probe through the engine (it gathers).
@@ -173,4 +195,4 @@ def prepare(recipe: Recipe, env: DistEnv) -> Session:
     scheduler = build_scheduler(optimizer, recipe.train)
     return Session(recipe, env, device, tokenizer, data, base_dir, model, names, optimizer, scheduler,
                    autocast, precision, LossScaler(scaling, device), engine.forward_model, engine,
-                   fused_ce_backend(recipe, model, engine.owns_forward), host_allocator)
+                   fused_ce_backend(recipe, model, engine.owns_forward), host_allocator, recompute)
