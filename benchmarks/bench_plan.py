@@ -92,8 +92,11 @@ def compare(case: str, procs: int, result: dict) -> dict:
     from qtrain.plan.estimate import OVERHEAD
 
     device = "cuda" if result["device"].startswith("cuda") else "cpu"
-    plan = plan_recipe(load_recipe(RECIPE, result["overrides"]), Target(device, procs))
+    # planned with the recompute mode the measured run resolved (`train.recompute: auto` reads free memory)
+    taken = [f"train.recompute={result['recompute']}"] if result.get("recompute") else []
+    plan = plan_recipe(load_recipe(RECIPE, [*result["overrides"], *taken]), Target(device, procs))
     row = {"case": case, "processes": procs, "engine": plan.settings.engine.name, "phase": plan.peak_phase,
+           "recompute": plan.settings.recompute if plan.settings.checkpointing else None,
            "plan_mib": round(plan.peak / MIB, 2), "tracked_mib": round(result["peak_bytes"] / MIB, 2),
            "ratio": round(plan.peak / result["peak_bytes"], 4), "rss_mib": round(result["peak_rss_bytes"] / MIB, 1)}
     if device == "cpu":

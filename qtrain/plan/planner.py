@@ -8,9 +8,10 @@ from pathlib import Path
 
 from qtrain.config.schema import Recipe
 from qtrain.errors import ConfigError, QtrainError
-from qtrain.plan.estimate import Plan, estimate
 from qtrain.plan.engines import resolve_engine
-from qtrain.plan.recompute_choice import RecomputeChoice, choose_recompute, refuse_selective
+from qtrain.plan.estimate import Plan, estimate
+from qtrain.plan.recompute_choice import (SELECTIVE_IMPOSSIBLE, WHOLE_LAYERS, RecomputeChoice, choose_recompute,
+                                          refuse_selective)
 from qtrain.plan.settings import settings_from_recipe
 from qtrain.plan.target import Target, machine_memory, parse_memory
 
@@ -39,8 +40,14 @@ def resolve_target(device: str = "auto", gpus: int = 1, gpu_mem: str | None = No
 
 def plan_recipe(recipe: Recipe, target: Target, engine: str | None = None) -> Plan:
     """The per-device memory plan of `recipe` on `target` (`engine`: --engine, else the recipe's);
-    `train.recompute: auto` resolved against the target's capacity, the choice in the plan's notes."""
+    `train.recompute: auto` resolved against the target's capacity (a run resolves it against the
+    memory free when it starts), the choice in the plan's notes."""
     s = settings_from_recipe(recipe, target, engine)
+    if s.checkpointing and s.recompute not in ("auto", "full") and s.engine.name in SELECTIVE_IMPOSSIBLE:
+        plan = estimate(s, target.capacity)
+        plan.notes.append(f"train.recompute: {s.recompute} cannot run under {s.engine.name} "
+                          f"({WHOLE_LAYERS[s.engine.name]}); a run refuses it: set train.recompute: full or auto")
+        return plan
     if s.checkpointing and s.recompute == "auto":
         choice = choose_recompute(s, target.capacity)
         plan = estimate(dataclasses.replace(s, recompute=choice.mode), target.capacity)

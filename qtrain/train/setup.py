@@ -139,7 +139,8 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device, precision:
     `auto` resolved here for one process, before loading, as `prepare` does)."""
     method = method_for(recipe.peft)
     if recipe.train.gradient_checkpointing:
-        recompute = recompute or resolve_recompute(recipe, base_dir, device.type, available_memory(device)).mode
+        if recompute in (None, "auto"):
+            recompute = resolve_recompute(recipe, base_dir, device.type, available_memory(device)).mode
     precision = precision or resolve_precision(recipe.model.dtype, device)
     opts = method.load_options(recipe.peft, precision.dtype, recipe.quant.method == "nf4")
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if opts.quantize else None

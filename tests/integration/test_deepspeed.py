@@ -27,7 +27,7 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
     single, zero2 = root / "single", root / "zero2"
     p1 = run_single(single)
     assert p1.returncode == 0, p1.stderr[-2000:]
-    p2 = run_ds(zero2)
+    p2 = run_ds(zero2, "train.gradient_checkpointing=true")  # with `train.recompute: auto`, as in test_distributed
     assert p2.returncode == 0, p2.stderr[-3000:]
     return single, zero2
 

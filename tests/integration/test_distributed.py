@@ -23,7 +23,9 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
     single, ddp = root / "single", root / "ddp"
     p1 = run_single(single)
     assert p1.returncode == 0, p1.stderr[-2000:]
-    p2 = run_ddp(ddp)
+    # the 2 ranks checkpoint with `train.recompute: auto` (both take the mode the least free memory
+    # allows; selective on any CPU box this runs on): the gradients are those of no checkpointing
+    p2 = run_ddp(ddp, "train.gradient_checkpointing=true")
     assert p2.returncode == 0, p2.stderr[-3000:]
     return single, ddp
 
@@ -31,6 +33,8 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(pair):
     single, ddp = pair
     assert_same_training(single, ddp)
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["recompute"] != "full" and summary["recompute_reason"].startswith("auto: ")
 
 
 def test_two_ranks_build_the_data_cache_once_and_both_read_it(pair):

@@ -34,7 +34,7 @@ BF16 = ["model.dtype=bfloat16", "data.max_len=64"]  # bf16 matmuls are emulated 
 CASES = {  # the quickstart model is the larger size: hidden 256 x 4 layers, 8 x 128 tokens
     "small-nf4-fp32": SMALL,
     "small-nf4-checkpointed-accumulating-8bit": SMALL + ["train.gradient_checkpointing=true", "train.grad_accum=2",
-                                                         "train.optimizer=adamw_8bit"],
+                                                         "train.optimizer=adamw_8bit", "train.recompute=full"],
     "small-nf4-bf16-checkpointed": SMALL + BF16 + ["train.gradient_checkpointing=true"],
     "small-bf16-base-dropout": SMALL + BF16 + ["quant.method=none", "peft.dropout=0.1"],
     "nf4-fp32-selective-recompute": ["train.gradient_checkpointing=true", "train.recompute=attention"],

@@ -8,7 +8,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 from qtrain.config import load_recipe
 from qtrain.distributed.env import DistEnv
@@ -98,8 +97,8 @@ def test_a_session_uses_and_reports_the_mode_auto_chose(tmp_path):
     kept = {n: m.keep_output for n, m in lora_modules(s.model).items()}
     assert kept and kept == {n: keeps_output(s.recompute.mode, n.rsplit(".", 1)[-1], unneeded=("down_proj",))
                              for n in kept}
-    # a quickstart step keeps a few MiB more at most: with this machine's free memory, the fastest mode
-    assert s.recompute.mode == "matmuls" or torch.cuda.is_available()
+    # a quickstart step keeps a few MiB more at most: with any test machine's free memory, the fastest mode
+    assert s.recompute.mode == "matmuls"
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp"])
@@ -119,6 +118,7 @@ def test_a_selective_mode_under_zero3_is_refused_before_any_work(tmp_path):
         recipe = load_recipe(QUICKSTART, [*ds, f"train.recompute={mode}"])
         with pytest.raises(ConfigError, match=f"train.recompute: {mode} cannot run under zero3.*train.recompute: full"):
             check_recompute(recipe, 2)
+        assert any("a run refuses it" in n for n in plan_recipe(recipe, Target("cuda", 2)).notes)
     for mode in ("auto", "full"):
         check_recompute(load_recipe(QUICKSTART, [*ds, f"train.recompute={mode}"]), 2)
     check_recompute(load_recipe(QUICKSTART, ["distributed.engine=fsdp", "train.gradient_checkpointing=true",
