@@ -27,11 +27,10 @@ MIB = 2**20
 # ZeRO-3 the selective modes cannot run at all: DeepSpeed gathers each layer's parameters (torch.cat
 # in its hooks) inside the checkpointed layer, and torch's selective recompute meets those ops in
 # another order than the forward did ("aten.cat ... not found in storage"); a recipe that asks for
-# one there is refused (`refuse_selective`). FSDP2 runs them, but no test covers it yet.
+# one there is refused (`refuse_selective`). FSDP2 replays them (tests/integration/test_sharding.py).
 WHOLE_LAYERS = {
     "zero3": "DeepSpeed ZeRO-3 gathers each layer's parameters inside the checkpointed layer, which "
              "selective recompute cannot replay",
-    "fsdp": "selective recompute is not tested under FSDP yet (set train.recompute to use it)",
 }
 SELECTIVE_IMPOSSIBLE = ("zero3",)
 
