@@ -10,8 +10,8 @@ from qtrain.config.schema import Recipe
 from qtrain.errors import ConfigError, QtrainError
 from qtrain.plan.engines import resolve_engine
 from qtrain.plan.estimate import Plan, estimate
-from qtrain.plan.recompute_choice import (SELECTIVE_IMPOSSIBLE, WHOLE_LAYERS, RecomputeChoice, choose_recompute,
-                                          refuse_selective)
+from qtrain.plan.recompute_choice import (NO_CHECKPOINTING, RecomputeChoice, choose_recompute, refuse_selective,
+                                          selective_refusal)
 from qtrain.plan.settings import settings_from_recipe
 from qtrain.plan.target import Target, machine_memory, parse_memory
 
@@ -43,10 +43,10 @@ def plan_recipe(recipe: Recipe, target: Target, engine: str | None = None) -> Pl
     `train.recompute: auto` resolved against the target's capacity (a run resolves it against the
     memory free when it starts), the choice in the plan's notes."""
     s = settings_from_recipe(recipe, target, engine)
-    if s.checkpointing and s.recompute not in ("auto", "full") and s.engine.name in SELECTIVE_IMPOSSIBLE:
+    why = selective_refusal(s.recompute, s.engine.name) if s.checkpointing else None
+    if why:
         plan = estimate(s, target.capacity)
-        plan.notes.append(f"train.recompute: {s.recompute} cannot run under {s.engine.name} "
-                          f"({WHOLE_LAYERS[s.engine.name]}); a run refuses it: set train.recompute: full or auto")
+        plan.notes.append(f"{why} (a run refuses it)")
         return plan
     if s.checkpointing and s.recompute == "auto":
         choice = choose_recompute(s, target.capacity)
@@ -79,7 +79,7 @@ def resolve_recompute(recipe: Recipe, base_dir: str | Path, device: str, availab
     is a ConfigError."""
     t = recipe.train
     if not t.gradient_checkpointing:
-        return RecomputeChoice(None, "no gradient checkpointing")
+        return NO_CHECKPOINTING
     if t.recompute != "auto":
         check_recompute(recipe, world)
         return RecomputeChoice(t.recompute, "set in the recipe")

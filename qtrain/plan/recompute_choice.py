@@ -23,16 +23,15 @@ from qtrain.plan.settings import Settings
 FASTEST_FIRST = ("matmuls", "mlp", "attention", "full")
 HEADROOM_SHARE = 0.5
 MIB = 2**20
-# Engines (qtrain.plan.engines names) where `auto` keeps to whole-layer recompute, and why. Under
-# ZeRO-3 the selective modes cannot run at all: DeepSpeed gathers each layer's parameters (torch.cat
-# in its hooks) inside the checkpointed layer, and torch's selective recompute meets those ops in
-# another order than the forward did ("aten.cat ... not found in storage"); a recipe that asks for
-# one there is refused (`refuse_selective`). FSDP2 replays them (tests/integration/test_sharding.py).
-WHOLE_LAYERS = {
+# Engines (qtrain.plan.engines names) that cannot run a selective mode, and why: `auto` takes `full`
+# there and a recipe asking for one is refused (`refuse_selective`). Under ZeRO-3 DeepSpeed gathers
+# each layer's parameters (torch.cat in its hooks) inside the checkpointed layer, and torch's
+# selective recompute meets those ops in another order than the forward did ("aten.cat ... not
+# found in storage"). FSDP2 replays them (tests/integration/test_sharding.py).
+SELECTIVE_IMPOSSIBLE = {
     "zero3": "DeepSpeed ZeRO-3 gathers each layer's parameters inside the checkpointed layer, which "
              "selective recompute cannot replay",
 }
-SELECTIVE_IMPOSSIBLE = ("zero3",)
 
 
 @dataclass(frozen=True)
@@ -43,10 +42,13 @@ class RecomputeChoice:
     reason: str
 
 
+NO_CHECKPOINTING = RecomputeChoice(None, "no gradient checkpointing")
+
+
 def choose_recompute(s: Settings, available: int | None) -> RecomputeChoice:
     """`auto` for settings `s` on a device with `available` bytes free for this process (None: unknown)."""
-    if s.engine.name in WHOLE_LAYERS:
-        return RecomputeChoice("full", f"auto: {WHOLE_LAYERS[s.engine.name]}")
+    if s.engine.name in SELECTIVE_IMPOSSIBLE:
+        return RecomputeChoice("full", f"auto: {SELECTIVE_IMPOSSIBLE[s.engine.name]}")
     if available is None:
         return RecomputeChoice("full", "auto: free memory unknown, so the least")
     base = estimate(dataclasses.replace(s, recompute="full")).needed
@@ -63,8 +65,16 @@ def choose_recompute(s: Settings, available: int | None) -> RecomputeChoice:
                                    "no room to keep more")
 
 
+def selective_refusal(mode: str, engine: str) -> str | None:
+    """Why a recipe's `mode` cannot run under `engine`, naming the fix; None when it can."""
+    if mode in ("auto", "full") or engine not in SELECTIVE_IMPOSSIBLE:
+        return None
+    return (f"train.recompute: {mode} cannot run under {engine}: {SELECTIVE_IMPOSSIBLE[engine]}; "
+            "set train.recompute: full (or auto, which picks it there)")
+
+
 def refuse_selective(mode: str, engine: str) -> None:
     """ConfigError for a recipe asking for a selective `mode` under an engine that cannot run one."""
-    if mode not in ("auto", "full") and engine in SELECTIVE_IMPOSSIBLE:
-        raise ConfigError(f"train.recompute: {mode} cannot run under {engine}: {WHOLE_LAYERS[engine]}; "
-                          "set train.recompute: full (or auto, which picks it there)")
+    why = selective_refusal(mode, engine)
+    if why:
+        raise ConfigError(why)

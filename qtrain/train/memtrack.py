@@ -114,7 +114,7 @@ def measure_training_peak(recipe, env, steps: int = 2) -> dict:
             train_step(s, [next(stream) for _ in range(t.grad_accum)])
     return {"rank": env.rank, "world_size": env.world_size, "device": str(s.device), "steps": steps,
             "setup_bytes": setup_bytes, "peak_bytes": tracker.peak, "peak_rss_bytes": _peak_rss(),
-            "recompute": s.recompute.mode if s.recompute else None,
+            "recompute": s.recompute.mode,
             **_device_counters(s.device)}
 
 

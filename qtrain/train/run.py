@@ -73,7 +73,7 @@ def _header(s: Session, estimate: RunEstimate) -> str:
     what = method_for(r.peft).describe(r.peft, s.target_names)
     scaling = " with dynamic loss scaling" if s.scaler.enabled else ""
     host = f"host memory: {s.host_allocator.name} allocator ({s.host_allocator.reason})\n" if s.host_allocator else ""
-    ckpt = f"recompute {s.recompute.mode} ({s.recompute.reason})" if s.recompute and s.recompute.mode else "off"
+    ckpt = f"recompute {s.recompute.mode} ({s.recompute.reason})" if s.recompute.mode else "off"
     return (f"qtrain: {r.quant.method} base from {s.base_dir} on {s.device}; {what}; {trainable:,} trainable "
             f"of {total:,} params ({100 * trainable / total:.3f}%)\n"
             f"precision: {s.precision.name} compute{scaling} ({s.precision.reason})\n"
@@ -106,8 +106,8 @@ def build_summary(s: Session, state: RunState, estimate: RunEstimate) -> dict:
         "nonfinite_steps_skipped": state.nonfinite_total,
         "compute_dtype": s.precision.name,
         "compute_dtype_reason": s.precision.reason,
-        "recompute": s.recompute.mode if s.recompute else None,
-        "recompute_reason": s.recompute.reason if s.recompute else None,
+        "recompute": s.recompute.mode,
+        "recompute_reason": s.recompute.reason,
         "autocast_dtype": None if s.autocast_dtype is None else str(s.autocast_dtype).replace("torch.", ""),
         "loss_scaling": s.scaler.enabled,
         "host_allocator": host_cache_report(s.host_allocator) if s.host_allocator else None,
@@ -194,7 +194,7 @@ def _train(recipe: Recipe, held: contextlib.ExitStack) -> dict:
             ckpt = find_resume_point(out, recipe.checkpoint.resume, s.engine.checkpoint_files(recipe.peft.method))
             out.mkdir(parents=True, exist_ok=True)
         estimate = run_estimate(recipe, s.base_dir, env.world_size, s.device.type,  # the plan this run checks
-                                s.recompute.mode if s.recompute else None)
+                                s.recompute.mode)
         _say(s, _header(s, estimate))
         warn_if_space_short(s)
         t = recipe.train

@@ -26,7 +26,7 @@ from qtrain.models.tokenizer import load_tokenizer
 from qtrain.peft.recompute import checkpoint_kwargs
 from qtrain.peft.registry import method_for
 from qtrain.plan.planner import check_recompute, resolve_recompute
-from qtrain.plan.recompute_choice import RecomputeChoice
+from qtrain.plan.recompute_choice import NO_CHECKPOINTING, RecomputeChoice
 from qtrain.plan.target import available_memory
 from qtrain.quant.nf4 import NF4Spec
 from qtrain.quant.shard import RowShard
@@ -65,7 +65,7 @@ class Session:
     # Torch's allocator for CPU tensors (train.host_allocator), and why.
     host_allocator: HostAllocator | None = None
     # What gradient checkpointing recomputes (train.recompute, `auto` resolved), and why.
-    recompute: RecomputeChoice | None = None
+    recompute: RecomputeChoice = NO_CHECKPOINTING
 
 
 def kernel_backend(recipe: Recipe) -> str:
@@ -138,9 +138,8 @@ def build_model(recipe: Recipe, base_dir: Path, device: torch.device, precision:
     the recipe's autocast). With gradient checkpointing, `recompute` is the mode (None: the recipe's,
     `auto` resolved here for one process, before loading, as `prepare` does)."""
     method = method_for(recipe.peft)
-    if recipe.train.gradient_checkpointing:
-        if recompute in (None, "auto"):
-            recompute = resolve_recompute(recipe, base_dir, device.type, available_memory(device)).mode
+    if recipe.train.gradient_checkpointing and recompute in (None, "auto"):
+        recompute = resolve_recompute(recipe, base_dir, device.type, available_memory(device)).mode
     precision = precision or resolve_precision(recipe.model.dtype, device)
     opts = method.load_options(recipe.peft, precision.dtype, recipe.quant.method == "nf4")
     spec = NF4Spec(recipe.quant.blocksize, recipe.quant.double_quant) if opts.quantize else None

@@ -16,7 +16,7 @@ from qtrain.peft.inject import lora_modules
 from qtrain.peft.recompute import keeps_output
 from qtrain.plan import Target, estimate, plan_recipe
 from qtrain.plan.planner import check_recompute, resolve_recompute
-from qtrain.plan.recompute_choice import FASTEST_FIRST, HEADROOM_SHARE, WHOLE_LAYERS, choose_recompute
+from qtrain.plan.recompute_choice import FASTEST_FIRST, HEADROOM_SHARE, SELECTIVE_IMPOSSIBLE, choose_recompute
 from qtrain.plan.settings import settings_from_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,7 +105,7 @@ def test_auto_recomputes_whole_layers_under_zero3_but_not_under_fsdp():
     recipe = load_recipe(QUICKSTART, [*EIGHT_B_4K, "train.gradient_checkpointing=true"])
     s = settings_from_recipe(recipe, Target("cuda", 2), "zero3")
     choice = choose_recompute(s, 10**13)
-    assert choice.mode == "full" and choice.reason == f"auto: {WHOLE_LAYERS['zero3']}"
+    assert choice.mode == "full" and choice.reason == f"auto: {SELECTIVE_IMPOSSIBLE['zero3']}"
     assert plan_recipe(recipe, Target("cuda", 2, 80 * GIB), "zero3").settings.recompute == "full"
     assert plan_recipe(recipe, Target("cuda", 2, 80 * GIB), "fsdp").settings.recompute == "matmuls"
 
