@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qtrain.config.schema import Recipe
+from qtrain.distributed.collectives import destroy
 from qtrain.distributed.engine import create_engine
 from qtrain.distributed.env import read_env
 from qtrain.peft.lora import LoRALinear
@@ -99,5 +100,8 @@ def check(kind: str, ds_config: str | None) -> None:
 
 
 if __name__ == "__main__":
-    check("fsdp", None)
-    check("zero3", sys.argv[1])
+    try:
+        check("fsdp", None)
+        check("zero3", sys.argv[1])
+    finally:  # as a run does: a group left to interpreter teardown can abort the process (exit -6)
+        destroy()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qtrain.config.schema import Recipe
+from qtrain.distributed.collectives import destroy
 from qtrain.distributed.engine import create_engine
 from qtrain.distributed.env import read_env
 from qtrain.distributed.vocab_parts import PartedEmbedding, PartedLinear
@@ -125,5 +126,8 @@ def check(tied: bool, ds_config: str) -> None:
 
 
 if __name__ == "__main__":
-    check(False, sys.argv[1])
-    check(True, sys.argv[1])
+    try:
+        check(False, sys.argv[1])
+        check(True, sys.argv[1])
+    finally:  # as a run does: a group left to interpreter teardown can abort the process (exit -6)
+        destroy()
