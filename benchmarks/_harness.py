@@ -4,7 +4,9 @@ A benchmark compares *sides* (qtrain and the anchor, or settings of qtrain). Eac
 fresh interpreter (`python -m benchmarks.NAME --side S ...`) that prints one JSON line, so a side's
 peak memory is its own; the parent process imports no torch, so it adds nothing to a child's
 `ru_maxrss` (on Linux a child started by vfork+exec inherits its parent's high-water mark). Rounds
-alternate the sides (a, b, a, b, ...) so background load falls on all of them alike.
+alternate the sides (a, b, a, b, ...) so background load falls on all of them alike. `lockstep` goes
+further for step times: both sides' interpreters live at once and take single steps in turn, so a
+slow moment of a shared machine falls on both, while each keeps its own process settings.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +35,61 @@ def run_json(argv: list[str], what: str, env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise SideFailed(f"{what} failed (exit {proc.returncode}); its stderr is above")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+LOCKSTEP_MARK = "@lockstep "  # prefixes the lines a serving side writes for `lockstep` (libraries may print too)
+
+
+def serve_steps(step: Callable[[], object]) -> None:
+    """A side's half of `lockstep`: say ready, then run one `step()` per "step" line on stdin and answer
+    with its wall seconds; any other line (or EOF) ends it."""
+    print(f"{LOCKSTEP_MARK}ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            return
+        t0 = time.perf_counter()
+        step()
+        print(f"{LOCKSTEP_MARK}{time.perf_counter() - t0:.4f}", flush=True)
+
+
+def _lockstep_reply(proc: subprocess.Popen, what: str) -> str:
+    for line in proc.stdout:
+        if line.startswith(LOCKSTEP_MARK):
+            return line[len(LOCKSTEP_MARK):].strip()
+    raise SideFailed(f"{what} ended before answering (exit {proc.wait()}); its stderr is above")
+
+
+def lockstep(argvs: dict[str, list[str]], steps: int, warmup: int) -> dict[str, list[float]]:
+    """Step times of sides that serve steps (`serve_steps`), all alive at once, stepping one at a time.
+
+    Each side is its own interpreter, started and built one after the other. Then `warmup` untimed
+    steps each, then `steps` rounds in which every side takes one step while the others wait idle on
+    stdin; the order rotates every round. Returns each side's timed step seconds, in order.
+    """
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, argv in argvs.items():
+            procs[name] = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            _lockstep_reply(procs[name], f"the {name!r} side")
+        names = list(procs)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for i in range(warmup + steps):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                procs[name].stdin.write("step\n")
+                procs[name].stdin.flush()
+                seconds = float(_lockstep_reply(procs[name], f"the {name!r} side"))
+                if i >= warmup:
+                    times[name].append(seconds)
+        return times
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 def side_argv(module: str, side: str, args, names: tuple[str, ...], **extra: str) -> list[str]:

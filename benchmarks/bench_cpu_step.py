@@ -14,10 +14,11 @@ whole layers, qtrain once per `--recompute` mode), without it, or both. `auto` i
 resolves it (qtrain/plan/recompute_choice.py, from this machine's free memory); the side records the mode
 it took and why.
 
-With `--paired-steps N` each qtrain variant is also timed against the anchor inside one process,
-their steps alternating N times: on a shared VM whose speed drifts by ±10% over a minute, the
-median of those per-pair ratios is the steadier time ratio (memory still comes from the separate
-processes, where each side's RSS is its own).
+With `--paired-steps N` each qtrain variant is also timed against the anchor in lock step: both
+sides' processes alive at once, taking single steps in turn N times (benchmarks/_harness.lockstep).
+On a shared VM whose speed drifts by ±10% over a minute, the median of those per-pair ratios is the
+steadier time ratio, and each side still runs with its own process settings (qtrain's allocator
+serves qtrain only).
 
 Beside the qtrain/anchor ratios, each side reports its achieved GFLOP/s: the model's FLOPs per step
 (forward + backward of a frozen base with LoRA; recomputation not counted, so it is useful work)
@@ -61,12 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute", default=",".join(MODES),
                    help="qtrain's train.recompute modes to measure with checkpointing, comma-separated")
     p.add_argument("--paired-steps", type=int, default=0,
-                   help="also time each qtrain variant against the anchor in ONE process, alternating their "
-                        "steps this many times (both sides see the same machine moment; no memory figures)")
+                   help="also time each qtrain variant against the anchor in lock step: both processes alive, "
+                        "taking single steps in turn this many times (both see the same machine moment)")
     p.add_argument("--cache", type=Path, default=None, help="model dir (default /tmp/qtrain_bench/llama-H-L)")
     p.add_argument("--out", type=Path, default=None, help="merge the result into this JSON file, keyed by device")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.recompute = [m for m in args.recompute.split(",") if m]
     if any(m not in MODES for m in args.recompute) or not args.recompute:
@@ -244,27 +246,16 @@ def run_side(args: argparse.Namespace) -> dict:
     return {**measure(model, loss_fn, args, time.perf_counter() - t0), **resolved}
 
 
-def run_paired(args: argparse.Namespace) -> dict:
-    """The anchor and qtrain (`--mode`) in one process, stepping alternately (which goes first alternates too),
-    so a slow moment of a shared machine falls on both. qtrain's host-memory settings (glibc's mmap threshold, the caching allocator) then apply to both."""
+def serve_side(args: argparse.Namespace) -> None:
+    """Build one side (`--side`, `--mode`) and serve single steps on the shared batch to the parent's
+    `lockstep` (benchmarks/_harness.py): the paired timing, each side in its own process."""
     import torch
 
     torch.set_num_threads(args.threads)
     input_ids = torch.randint(0, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(SEED))
-    anchor_mode = "off" if args.mode == "off" else "full"
     with tempfile.TemporaryDirectory() as tmp:
-        sides = {"qtrain": build_side(args, "qtrain", args.mode, tmp), "hf": build_side(args, "hf", anchor_mode, tmp)}
-    steppers = {name: stepper(model, loss_fn, input_ids) for name, (model, loss_fn, _) in sides.items()}
-    for _ in range(args.warmup):
-        for step in steppers.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    for i in range(args.paired_steps):
-        for name in (("qtrain", "hf") if i % 2 == 0 else ("hf", "qtrain")):
-            t0 = time.perf_counter()
-            steppers[name]()
-            times[name].append(round(time.perf_counter() - t0, 4))
-    return times
+        model, loss_fn, _ = build_side(args, args.side, args.mode, tmp)
+    h.serve_steps(stepper(model, loss_fn, input_ids))
 
 
 def measure(model, loss_fn, args: argparse.Namespace, load_s: float) -> dict:
@@ -333,8 +324,9 @@ def compare(args: argparse.Namespace) -> dict:
     if args.paired_steps:
         for name, side, mode in variants(args):
             if side == "qtrain":
-                argv = h.side_argv("benchmarks.bench_cpu_step", "paired", args, ARGS, mode=mode)
-                times = h.run_json(argv, f"the paired {name!r} run")
+                argvs = {who: h.side_argv("benchmarks.bench_cpu_step", who, args, ARGS, mode=m) + ["--serve"]
+                         for who, m in (("qtrain", mode), ("hf", "off" if mode == "off" else "full"))}
+                times = h.lockstep(argvs, args.paired_steps, args.warmup)
                 pairs = [q / a for q, a in zip(times["qtrain"], times["hf"])]
                 paired[name] = {"step_times": times, "median_pair_ratio": round(statistics.median(pairs), 3),
                                 "median_step_s": {k: round(statistics.median(v), 4) for k, v in times.items()}}
@@ -347,6 +339,8 @@ def compare(args: argparse.Namespace) -> dict:
                    "compute_dtype": prep["dtype"], "model_dir": prep["model_dir"],
                    "gradient_checkpointing": "non-reentrant (anchor: full recompute; qtrain: per train.recompute)",
                    "model_flops_per_step": flops,
+                   "paired": "both sides' processes alive at once, one step each in turn (who goes first alternates), "
+                             "after --warmup steps each; median of the per-pair ratios",
                    "qtrain": "train.setup.build_model(recipe) after train.host_memory.fix_mmap_threshold() and "
                              "choose_host_allocator (train.host_allocator: auto, the caching allocator on a CPU), "
                              "loading's cached blocks released after (as qtrain train); loss = train.loss.loss_sum "
@@ -367,8 +361,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(prepare_base(args)))
     elif args.side == "gemm":
         print(json.dumps(gemm_peak(args)))
-    elif args.side == "paired":
-        print(json.dumps(run_paired(args)))
+    elif args.side and args.serve:
+        serve_side(args)
     elif args.side:
         print(json.dumps(run_side(args)))
     else:
