@@ -180,7 +180,7 @@ def _two_ranks_say_ok(script: str, root: Path, kinds: tuple[str, ...]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "integration" / script), str(root / "zero3.json")]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]  # stdout: which checks passed first
     for kind in kinds:
         assert proc.stdout.count(f": {kind} ok") == 2, proc.stdout
 
