@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_cpu_step [--hidden 1024 --layers 8 --seq 256 --batch 2 --rank 16 --steps 8
                                          --warmup 2 --rounds 1 --threads N --dtype auto --checkpointing both
-                                         --paired-steps 0
+                                         --paired-steps 0 [--aa]
                                          --recompute auto,full,mlp,attention,matmuls --out benchmarks/results/cpu.json]
 
 Both sides train the same random-init Llama (written once, bf16 safetensors, to a cache dir) on the
@@ -18,7 +18,8 @@ With `--paired-steps N` each qtrain variant is also timed against the anchor in 
 sides' processes alive at once, taking single steps in turn N times (benchmarks/_harness.lockstep).
 On a shared VM whose speed drifts by ±10% over a minute, the median of those per-pair ratios is the
 steadier time ratio, and each side still runs with its own process settings (qtrain's allocator
-serves qtrain only).
+serves qtrain only). `--aa` also pairs the anchor against itself the same way, a check of the
+pairing: its median pair ratio should be ~1.
 
 Beside the qtrain/anchor ratios, each side reports its achieved GFLOP/s: the model's FLOPs per step
 (forward + backward of a frozen base with LoRA; recomputation not counted, so it is useful work)
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paired-steps", type=int, default=0,
                    help="also time each qtrain variant against the anchor in lock step: both processes alive, "
                         "taking single steps in turn this many times (both see the same machine moment)")
+    p.add_argument("--aa", action="store_true",
+                   help="with --paired-steps, also pair the anchor against itself (an A/A check of the pairing: "
+                        "its median pair ratio should be ~1)")
     p.add_argument("--cache", type=Path, default=None, help="model dir (default /tmp/qtrain_bench/llama-H-L)")
     p.add_argument("--out", type=Path, default=None, help="merge the result into this JSON file, keyed by device")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)
@@ -77,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--hidden must be a multiple of 64 (head dim 64), got {args.hidden}")
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or args.paired_steps < 0:
         p.error("--steps and --rounds must be >= 1, --warmup and --paired-steps >= 0")
+    if args.aa and not args.paired_steps:
+        p.error("--aa pairs the anchor against itself for --paired-steps steps: give --paired-steps N")
     return args
 
 
@@ -297,6 +303,18 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     return out
 
 
+def lock_step(args: argparse.Namespace, first: tuple[str, str], second: tuple[str, str]) -> dict:
+    """Two serving sides, (side, mode) each, timed in lock step: every step's time, the median of the
+    per-pair ratios first/second, and each side's median step."""
+    argvs = {f"{who}-{i}" if first == second else who:
+             h.side_argv("benchmarks.bench_cpu_step", who, args, ARGS, mode=mode) + ["--serve"]
+             for i, (who, mode) in enumerate((first, second))}
+    times = h.lockstep(argvs, args.paired_steps, args.warmup)
+    a, b = times.values()
+    return {"step_times": times, "median_pair_ratio": round(statistics.median(x / y for x, y in zip(a, b)), 3),
+            "median_step_s": {k: round(statistics.median(v), 4) for k, v in times.items()}}
+
+
 def compare(args: argparse.Namespace) -> dict:
     from benchmarks._anchor import anchor_config
 
@@ -324,13 +342,10 @@ def compare(args: argparse.Namespace) -> dict:
     if args.paired_steps:
         for name, side, mode in variants(args):
             if side == "qtrain":
-                argvs = {who: h.side_argv("benchmarks.bench_cpu_step", who, args, ARGS, mode=m) + ["--serve"]
-                         for who, m in (("qtrain", mode), ("hf", "off" if mode == "off" else "full"))}
-                times = h.lockstep(argvs, args.paired_steps, args.warmup)
-                pairs = [q / a for q, a in zip(times["qtrain"], times["hf"])]
-                paired[name] = {"step_times": times, "median_pair_ratio": round(statistics.median(pairs), 3),
-                                "median_step_s": {k: round(statistics.median(v), 4) for k, v in times.items()}}
+                paired[name] = lock_step(args, ("qtrain", mode), ("hf", "off" if mode == "off" else "full"))
                 ratios[name]["paired_step_time_qtrain_over_hf"] = paired[name]["median_pair_ratio"]
+            elif args.aa:
+                paired[f"{name}-vs-itself"] = lock_step(args, ("hf", mode), ("hf", mode))
     return {
         "device": h.cpu_key(args.threads), "cpu": h.cpu_name(), "cpu_flags": h.cpu_flags(), "date": h.now(),
         "config": {"model": llama_config(args.hidden, args.layers), "seq": args.seq, "batch": args.batch,
