@@ -43,17 +43,19 @@ def plan_recipe(recipe: Recipe, target: Target, engine: str | None = None) -> Pl
     `train.recompute: auto` resolved against the target's capacity (a run resolves it against the
     memory free when it starts), the choice in the plan's notes."""
     s = settings_from_recipe(recipe, target, engine)
-    why = selective_refusal(s.recompute, s.engine.name) if s.checkpointing else None
-    if why:
-        plan = estimate(s, target.capacity)
-        plan.notes.append(f"{why} (a run refuses it)")
-        return plan
-    if s.checkpointing and s.recompute == "auto":
-        choice = choose_recompute(s, target.capacity)
-        plan = estimate(dataclasses.replace(s, recompute=choice.mode), target.capacity)
-        plan.notes.append(f"train.recompute: {choice.mode} ({choice.reason})")
-        return plan
-    return estimate(s, target.capacity)
+    note = None
+    if s.checkpointing:
+        why = selective_refusal(s.recompute, s.engine.name)
+        if why:
+            note = f"{why} (a run refuses it)"
+        elif s.recompute == "auto":
+            choice = choose_recompute(s, target.capacity)
+            s = dataclasses.replace(s, recompute=choice.mode)
+            note = f"train.recompute: {choice.mode} ({choice.reason})"
+    plan = estimate(s, target.capacity)
+    if note:
+        plan.notes.append(note)
+    return plan
 
 
 def _run_recipe(recipe: Recipe, base_dir: str | Path, recompute: str | None = None) -> Recipe:
